@@ -1,0 +1,1 @@
+"""rrt: Relaxed Recursive Transformers in JAX / Flax NNX."""

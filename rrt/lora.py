@@ -1,0 +1,49 @@
+"""LoRA as a wrapper around a projection.
+
+A relaxed recursive model gives every depth position l its own low-rank delta on a shared projection:
+    y = x @ W' + b + s * (x @ A_l) @ B_l,        s = alpha / r.
+We store kernels input-first (`W: [I, O]`, y = x @ W), so the factors are `a: [I, P]` (input side, orthonormal
+after SVD init) and `b: [P, O]` (output side, carries the singular values divided by s). In the paper's
+output-first notation (W_torch = W^T) this is exactly B_torch = b^T and A_torch = a^T with W_l = W' + s B A.
+
+The wrapper never looks inside the projection it wraps, so attention and MLP code has no LoRA branches. Factors may
+carry a leading batch axis (`a: [B, I, P]`): continuous depth-wise batching gathers one position's factors per slot.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """x @ kernel (+ bias) in the dtype of x."""
+    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+    if bias is not None:
+        y = y + bias.astype(x.dtype)
+    return y
+
+
+def delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """s * (x @ a) @ b, with optional per-example factors (a: [B, I, P], b: [B, P, O], x: [B, ..., I])."""
+    a, b = a.astype(x.dtype), b.astype(x.dtype)
+    if a.ndim == 2:
+        return scale * ((x @ a) @ b)
+    xa = jnp.einsum("b...i,bip->b...p", x, a)
+    return scale * jnp.einsum("b...p,bpo->b...o", xa, b)
+
+
+def wrap(project: Callable[[jax.Array], jax.Array], factors: tuple | None, scale: float):
+    """Returns x -> project(x) + s * (x @ a) @ b; `factors=None` returns `project` unchanged (strict sharing)."""
+    if factors is None:
+        return project
+
+    def wrapped(x):
+        return project(x) + delta(x, factors[0], factors[1], scale)
+
+    return wrapped
+
+
+def merge(kernel_IxO: jax.Array, a_IxP: jax.Array, b_PxO: jax.Array, scale: float) -> jax.Array:
+    """Materializes W' + s * a @ b (per position when a, b carry a leading axis)."""
+    return kernel_IxO + scale * jnp.matmul(a_IxP, b_PxO)

@@ -1,0 +1,449 @@
+"""One Flax NNX decoder for Llama, Gemma (v1) and GPT-NeoX, vanilla or (relaxed) recursive.
+
+Dimension legend, used in names such as `x_BxTxD`:
+  B batch, T query time, S key time (cache length), D model width, N query heads, G key/value heads,
+  H head dim, F MLP width, V vocab, L depth positions, K shared layers, R loops (L = K * R), P LoRA rank.
+
+Design notes.
+* A vanilla model is the special case K = L, R = 1, rank 0 of the recursive one: there is one code path.
+* Parameters (flat names, used by loaders, conversion, checkpoints and the sharding table):
+    embed                [V, D]
+    layers/<w>           [K, ...]   the shared block weights (q, k, v, o, gate, up, down, biases, norms)
+    relax/<w>            [L, ...]   per-depth-position weights: LoRA factors `<proj>_a`, `<proj>_b`, and the norms
+                                    when `per_position_norms` (then `layers/` holds no norms)
+    final_norm[_bias]    [D]
+    head                 [D, V]     untied models only
+  Kernels are stored input-first ([I, O]); NeoX's fused QKV is split into q, k, v by its loader.
+* The stack is two nested `lax.scan`s: over loops (xs: the per-position weights reshaped [R, K, ...]) and, inside,
+  over the K positions of a loop; the shared weights are closed over and picked by a per-position layer id, so
+  tracing, compile time and HLO size do not depend on R. The outer scan also yields the hidden state after every
+  loop, which early-exit losses and per-loop evaluation read.
+* Norm weights: strict recursion (rank 0) shares them with their layer, like every other weight. Relaxed models keep
+  per-position norms by default (`per_position_norms`, set by conversion): 2D extra parameters per position, and
+  what makes a full-rank relaxed model reproduce the original exactly.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rrt import lora
+
+STRATEGIES = ("cycle", "sequence")
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+ATTN_PROJECTIONS = ("q", "k", "v", "o")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture plus recursion. Every field has a meaning for all three families."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int  # L: depth positions (the original model's layer count)
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    family: str = "llama"  # llama | gemma | neox (documentation; behaviour comes from the switches below)
+    norm: str = "rms"  # rms | layer (LayerNorm with bias)
+    norm_eps: float = 1e-5
+    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w): offset 1
+    act: str = "silu"  # silu | gelu_tanh | gelu
+    gated_mlp: bool = True  # SwiGLU/GeGLU: down(act(gate x) * up x); else down(act(up x))
+    parallel_residual: bool = False  # NeoX: x + attn(ln1 x) + mlp(ln2 x)
+    attn_bias: bool = False  # biases on q, k, v
+    o_bias: bool = False
+    mlp_bias: bool = False
+    rope_theta: float = 10000.0
+    rotary_pct: float = 1.0  # fraction of head_dim that is rotated (NeoX: 0.25)
+    tie_embeddings: bool = True
+    embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(D)
+    # Recursion.
+    n_loops: int = 1  # R; K = n_layers / n_loops shared layers
+    strategy: str = "cycle"  # cycle: position l uses layer l mod K; sequence: layer floor(l / R)
+    rank_attn: int = 0  # LoRA rank on q, k, v, o (0: strict sharing)
+    rank_mlp: int = 0  # LoRA rank on gate, up, down
+    lora_alpha: float = 0.0  # s = alpha / r; 0 means alpha = r (s = 1)
+    per_position_norms: bool = False
+    # Compute.
+    dtype: str = "float32"  # activation/matmul dtype; parameters keep their own dtype
+    remat: str = "none"  # none | full | dots (save matmul outputs)
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"ModelConfig: {msg}")
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "n_loops"):
+            if getattr(self, name) <= 0:
+                bad(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_layers % self.n_loops:
+            bad(f"n_layers={self.n_layers} is not divisible by n_loops={self.n_loops}")
+        if self.n_heads % self.n_kv_heads:
+            bad(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.strategy not in STRATEGIES:
+            bad(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
+        if self.norm not in ("rms", "layer"):
+            bad(f"unknown norm {self.norm!r}")
+        if self.act not in ("silu", "gelu_tanh", "gelu"):
+            bad(f"unknown act {self.act!r}")
+        if self.remat not in REMAT_POLICIES:
+            bad(f"unknown remat {self.remat!r}; expected one of {REMAT_POLICIES}")
+        if not 0 < self.rotary_pct <= 1:
+            bad(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")
+        for name, rank, dims in (("rank_attn", self.rank_attn, self.attn_dims()), ("rank_mlp", self.rank_mlp, self.mlp_dims())):
+            limit = min(min(d) for d in dims)
+            if rank < 0 or rank > limit:
+                bad(f"{name}={rank} must be in [0, {limit}] (min(d_in, d_out) over its projections)")
+        jnp.dtype(self.dtype)
+
+    @property
+    def n_shared(self) -> int:
+        """K: unique layers."""
+        return self.n_layers // self.n_loops
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def relaxed(self) -> bool:
+        return self.rank_attn > 0 or self.rank_mlp > 0
+
+    def attn_dims(self) -> list[tuple[int, int]]:
+        d, nh, gh = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return [(d, nh), (d, gh), (d, gh), (nh, d)]
+
+    def mlp_dims(self) -> list[tuple[int, int]]:
+        d, f = self.d_model, self.d_ff
+        return ([(d, f)] if self.gated_mlp else []) + [(d, f), (f, d)]
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(d_in, d_out) of every projection in a block."""
+        names = ATTN_PROJECTIONS + (("gate",) if self.gated_mlp else ()) + ("up", "down")
+        return dict(zip(names, self.attn_dims() + self.mlp_dims()))
+
+    def rank(self, proj: str) -> int:
+        return self.rank_attn if proj in ATTN_PROJECTIONS else self.rank_mlp
+
+    def lora_scale(self, proj: str) -> float:
+        r = self.rank(proj)
+        return (self.lora_alpha or r) / r if r else 0.0
+
+    def layer_ids(self) -> np.ndarray:
+        """[R, K] int32: the shared layer used by depth position l = r * K + k."""
+        pos = np.arange(self.n_layers)
+        ids = pos % self.n_shared if self.strategy == "cycle" else pos // self.n_loops
+        return ids.reshape(self.n_loops, self.n_shared).astype(np.int32)
+
+    def norm_names(self) -> list[str]:
+        names = ["attn_norm", "mlp_norm"]
+        return names + [n + "_bias" for n in names] if self.norm == "layer" else names
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# Logical axes of every parameter (leading stack axis included); sharding.py maps them onto the mesh.
+def param_axes(name: str) -> tuple[str | None, ...]:
+    """Logical axis names of a flat parameter name (see the module docstring)."""
+    top, _, leaf = name.partition("/")
+    if top == "embed":
+        return ("vocab", "embed")
+    if top == "head":
+        return ("embed", "vocab")
+    if top.startswith("final_norm"):
+        return ("norm",)
+    stack = "layers" if top == "layers" else "positions"
+    base = leaf.removesuffix("_a").removesuffix("_b").removesuffix("_bias")
+    out_axis = {"q": "heads", "k": "kv", "v": "kv", "o": "embed", "gate": "mlp", "up": "mlp", "down": "embed"}
+    in_axis = {"o": "heads", "down": "mlp"}
+    if base in ("attn_norm", "mlp_norm"):
+        return (stack, "norm")
+    if leaf.endswith("_bias"):
+        return (stack, out_axis[base])
+    if leaf.endswith("_a"):
+        return (stack, in_axis.get(base, "embed"), "rank")
+    if leaf.endswith("_b"):
+        return (stack, "rank", out_axis[base])
+    return (stack, in_axis.get(base, "embed"), out_axis[base])
+
+
+def _normal(rngs: nnx.Rngs, shape, std=0.02) -> jax.Array:
+    return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+class Decoder(nnx.Module):
+    """Token ids -> logits. See the module docstring for the parameter layout."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, v, k, l = cfg.d_model, cfg.vocab_size, cfg.n_shared, cfg.n_layers
+        self.embed = nnx.Param(_normal(rngs, (v, d)))
+        self.layers = nnx.Dict()
+        self.relax = nnx.Dict()
+        for name, (din, dout) in cfg.projections().items():
+            self.layers[name] = nnx.Param(_normal(rngs, (k, din, dout)))
+            bias = cfg.attn_bias if name in ("q", "k", "v") else cfg.o_bias if name == "o" else cfg.mlp_bias
+            if bias:
+                self.layers[name + "_bias"] = nnx.Param(jnp.zeros((k, dout)))
+            if r := cfg.rank(name):
+                self.relax[name + "_a"] = nnx.Param(_normal(rngs, (l, din, r)))
+                self.relax[name + "_b"] = nnx.Param(jnp.zeros((l, r, dout)))
+        norms = self.relax if cfg.per_position_norms else self.layers
+        for name in cfg.norm_names():
+            init = 0.0 if name.endswith("_bias") or cfg.norm_offset else 1.0
+            norms[name] = nnx.Param(jnp.full((l if cfg.per_position_norms else k, d), init))
+        self.final_norm = nnx.Param(jnp.full((d,), 0.0 if cfg.norm_offset else 1.0))
+        if cfg.norm == "layer":
+            self.final_norm_bias = nnx.Param(jnp.zeros((d,)))
+        if not cfg.tie_embeddings:
+            self.head = nnx.Param(_normal(rngs, (d, v)))
+
+    def __call__(
+        self,
+        tokens_BxT: jax.Array,
+        positions_BxT: jax.Array | None = None,
+        segment_ids_BxT: jax.Array | None = None,
+        *,
+        cache: dict | None = None,
+        return_loop_hiddens: bool = False,
+    ):
+        """Logits [B, T, V]; with `cache`, also the updated cache; with `return_loop_hiddens`, the hidden state
+        after each loop [R, B, T, D] (before the final norm; `self.logits` turns one into logits)."""
+        x_BxTxD = self.embed_tokens(tokens_BxT)
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+        x_BxTxD, hiddens_RxBxTxD, cache = stack(self.cfg, self.weights(), x_BxTxD, positions_BxT, segment_ids_BxT, cache)
+        out = (self.logits(x_BxTxD),)
+        if cache is not None:
+            out += (cache,)
+        if return_loop_hiddens:
+            out += (hiddens_RxBxTxD,)
+        return out[0] if len(out) == 1 else out
+
+    def weights(self) -> dict[str, dict[str, jax.Array]]:
+        """The shared (`layers`) and per-position (`relax`) arrays as plain dicts."""
+        return {"layers": {k: v[...] for k, v in self.layers.items()}, "relax": {k: v[...] for k, v in self.relax.items()}}
+
+    def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.cfg.dtype)
+        x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dtype)
+        if self.cfg.embed_scale:
+            x = x * jnp.asarray(math.sqrt(self.cfg.d_model), dtype)
+        return x
+
+    def logits(self, x_BxTxD: jax.Array) -> jax.Array:
+        """Final norm and head; float32 logits."""
+        bias = self.final_norm_bias[...] if self.cfg.norm == "layer" else None
+        h = norm(self.cfg, x_BxTxD, self.final_norm[...], bias)
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+        return jnp.einsum("...d,dv->...v", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure functions on arrays: the block, and the looped stack.
+
+
+def norm(cfg: ModelConfig, x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """RMSNorm (optionally Gemma's 1 + w) or LayerNorm, computed in float32. w may be [D] or per example [B, D]."""
+    if w.ndim == 2:  # per-example weights (depth-wise batching): broadcast over time
+        w, b = w[:, None], (b[:, None] if b is not None else None)
+    x32 = x.astype(jnp.float32)
+    if cfg.norm == "rms":
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+        y = y * (cfg.norm_offset + w.astype(jnp.float32))
+    else:
+        mu = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mu), axis=-1, keepdims=True)
+        y = (x32 - mu) * jax.lax.rsqrt(var + cfg.norm_eps) * w.astype(jnp.float32) + b.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _act(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    if cfg.act == "silu":
+        return jax.nn.silu(x)
+    return jax.nn.gelu(x, approximate=cfg.act == "gelu_tanh")
+
+
+def rope(cfg: ModelConfig, x_BxTxNxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    """Rotary embedding in the Hugging Face (rotate-half) layout on the first `rotary_dim` dims of each head."""
+    rd = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))
+    freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rd/2]
+    cos, sin = jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
+    x_rot, x_pass = x_BxTxNxH[..., :rd].astype(jnp.float32), x_BxTxNxH[..., rd:]
+    x1, x2 = x_rot[..., : rd // 2], x_rot[..., rd // 2 :]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxH.dtype)
+    return jnp.concatenate([rotated, x_pass], axis=-1) if rd < cfg.head_dim else rotated
+
+
+def attend(q_BxTxNxH, k_BxSxGxH, v_BxSxGxH, mask_BxTxS) -> jax.Array:
+    """Grouped-query softmax attention in float32; returns [B, T, N, H]."""
+    b, t, n, h = q_BxTxNxH.shape
+    g = k_BxSxGxH.shape[2]
+    q = q_BxTxNxH.reshape(b, t, g, n // g, h)
+    logits = jnp.einsum("btgnh,bsgh->bgnts", q, k_BxSxGxH, preferred_element_type=jnp.float32) / math.sqrt(h)
+    logits = jnp.where(mask_BxTxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxH.dtype)
+    out = jnp.einsum("bgnts,bsgh->btgnh", probs, v_BxSxGxH)
+    return out.reshape(b, t, n, h)
+
+
+def _write_cache(cache_BxSxGxH: jax.Array, new_BxTxGxH: jax.Array, start_B: jax.Array) -> jax.Array:
+    """Writes each row's new entries at its own start position."""
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=0))(
+        cache_BxSxGxH, new_BxTxGxH, start_B
+    )
+
+
+def block(cfg: ModelConfig, w: dict, x_BxTxD, positions_BxT, segment_ids_BxT=None, cache: dict | None = None):
+    """One transformer block. `w` holds this position's weights: the shared layer's, its norms, its LoRA factors
+    (`<proj>_a`, `<proj>_b`, optionally with a leading per-example axis). Returns (x, updated cache entry)."""
+    b, t, _ = x_BxTxD.shape
+    dtype = x_BxTxD.dtype
+
+    def proj(name):
+        base = lambda x: lora.dense(x, w[name], w.get(name + "_bias"))  # noqa: E731
+        factors = (w[name + "_a"], w[name + "_b"]) if name + "_a" in w else None
+        return lora.wrap(base, factors, cfg.lora_scale(name))
+
+    def attention(h):
+        q = rope(cfg, proj("q")(h).reshape(b, t, cfg.n_heads, cfg.head_dim), positions_BxT)
+        k = rope(cfg, proj("k")(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim), positions_BxT)
+        v = proj("v")(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        if cache is None:
+            mask = positions_BxT[:, None, :] <= positions_BxT[:, :, None]
+            if segment_ids_BxT is not None:
+                mask &= segment_ids_BxT[:, None, :] == segment_ids_BxT[:, :, None]
+            new_cache = None
+        else:  # key slot s holds absolute position s; rows may be at different positions
+            start = positions_BxT[:, 0]
+            new_cache = {"k": _write_cache(cache["k"], k, start), "v": _write_cache(cache["v"], v, start)}
+            k, v = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
+            mask = jnp.arange(k.shape[1])[None, None, :] <= positions_BxT[:, :, None]
+        out = attend(q, k, v, mask).reshape(b, t, cfg.n_heads * cfg.head_dim)
+        return proj("o")(out), new_cache
+
+    def mlp(h):
+        up = proj("up")(h)
+        hidden = _act(cfg, proj("gate")(h)) * up if cfg.gated_mlp else _act(cfg, up)
+        return proj("down")(hidden)
+
+    attn_out, new_cache = attention(norm(cfg, x_BxTxD, w["attn_norm"], w.get("attn_norm_bias")))
+    if cfg.parallel_residual:
+        x_BxTxD = x_BxTxD + attn_out + mlp(norm(cfg, x_BxTxD, w["mlp_norm"], w.get("mlp_norm_bias")))
+    else:
+        x_BxTxD = x_BxTxD + attn_out
+        x_BxTxD = x_BxTxD + mlp(norm(cfg, x_BxTxD, w["mlp_norm"], w.get("mlp_norm_bias")))
+    return x_BxTxD, new_cache
+
+
+def _remat(cfg: ModelConfig, fn):
+    if cfg.remat == "none":
+        return fn
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
+    return jax.checkpoint(fn, policy=policy)
+
+
+def shared_layer(shared: dict, layer_id) -> dict:
+    """The weights of shared layer `layer_id` (a traced index) from the [K, ...] stack."""
+    return {k: jax.lax.dynamic_index_in_dim(v, layer_id, keepdims=False) for k, v in shared.items()}
+
+
+def stack(cfg: ModelConfig, weights: dict, x_BxTxD, positions_BxT, segment_ids_BxT=None, cache=None):
+    """The looped stack: scan over R loops of a scan over K positions. Returns (x, hiddens [R,B,T,D], cache)."""
+    r, k = cfg.n_loops, cfg.n_shared
+    to_rk = lambda a: a.reshape((r, k) + a.shape[1:])  # noqa: E731
+    shared = {name: v.astype(x_BxTxD.dtype) for name, v in weights["layers"].items()}
+    relax = {name: to_rk(v) for name, v in weights["relax"].items()}
+    cache_rk = None if cache is None else jax.tree.map(to_rk, cache)
+
+    def position(x, xs):
+        relax_l, layer_id, cache_l = xs
+        x, cache_l = block(cfg, {**shared_layer(shared, layer_id), **relax_l}, x, positions_BxT, segment_ids_BxT, cache_l)
+        return x, cache_l
+
+    position = _remat(cfg, position)
+
+    def loop(x, xs):
+        x, cache_r = jax.lax.scan(position, x, xs)
+        return x, (x, cache_r)
+
+    x_BxTxD, (hiddens, cache_rk) = jax.lax.scan(loop, x_BxTxD, (relax, jnp.asarray(cfg.layer_ids()), cache_rk))
+    if cache_rk is not None:
+        cache = jax.tree.map(lambda a: a.reshape((r * k,) + a.shape[2:]), cache_rk)
+    return x_BxTxD, hiddens, cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """An empty KV cache, one entry per depth position: {k, v}: [L, B, S, G, H]."""
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flat name <-> array views of a model, used by loaders, conversion and checkpoints.
+
+
+def flat_params(model: Decoder) -> dict[str, Any]:
+    """{flat name: array} for every parameter (see the module docstring for names)."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        out["/".join(str(p) for p in path)] = var.get_value()
+    return out
+
+
+def abstract(cfg: ModelConfig) -> Decoder:
+    """The model with ShapeDtypeStruct leaves: real sizes cost no memory."""
+    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in flat_params(abstract(cfg)).items()}
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts by group: embedding (embed + head), shared (layers + final norm), relax (LoRA + norms)."""
+    counts = {"embedding": 0, "shared": 0, "lora": 0, "position_norms": 0}
+    for name, shape in param_shapes(cfg).items():
+        n = int(np.prod(shape))
+        if name in ("embed", "head"):
+            counts["embedding"] += n
+        elif name.startswith("relax/"):
+            counts["lora" if name.endswith(("_a", "_b")) else "position_norms"] += n
+        else:
+            counts["shared"] += n
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def from_params(cfg: ModelConfig, params: dict[str, Any], dtype=None) -> Decoder:
+    """Builds a Decoder holding exactly `params` (flat names). Missing, extra or misshapen tensors are errors."""
+    model = abstract(cfg)
+    expected = flat_params(model)
+    missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+    if missing or extra:
+        raise ValueError(f"parameters do not match the model config: missing {missing}, unexpected {extra}")
+    state = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        name = "/".join(str(p) for p in path)
+        value = params[name]
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ValueError(f"parameter {name!r}: shape {tuple(value.shape)}, model expects {tuple(expected[name].shape)}")
+        var.set_value(jnp.asarray(value, dtype=dtype))
+    nnx.update(model, state)
+    return model
