@@ -9,8 +9,8 @@ Design notes.
 * Parameters (flat names, used by loaders, conversion, checkpoints and the sharding table):
     embed                [V, D]
     layers/<w>           [K, ...]   the shared block weights (q, k, v, o, gate, up, down, biases, norms)
-    relax/<w>            [L, ...]   per-depth-position weights: LoRA factors `<proj>_a`, `<proj>_b`, and the norms
-                                    when `per_position_norms` (then `layers/` holds no norms)
+    relax/<w>            [L, ...]   per-depth-position weights: LoRA factors `<proj>_a`, `<proj>_b`, and the
+                                    vector parameters (norm weights, projection biases) when `per_position_norms`
     final_norm[_bias]    [D]
     head                 [D, V]     untied models only
   Kernels are stored input-first ([I, O]); NeoX's fused QKV is split into q, k, v by its loader.
@@ -18,9 +18,10 @@ Design notes.
   over the K positions of a loop; the shared weights are closed over and picked by a per-position layer id, so
   tracing, compile time and HLO size do not depend on R. The outer scan also yields the hidden state after every
   loop, which early-exit losses and per-loop evaluation read.
-* Norm weights: strict recursion (rank 0) shares them with their layer, like every other weight. Relaxed models keep
-  per-position norms by default (`per_position_norms`, set by conversion): 2D extra parameters per position, and
-  what makes a full-rank relaxed model reproduce the original exactly.
+* Norm weights (and NeoX's projection biases): strict recursion (rank 0) shares them with their layer, like every
+  other weight. Relaxed models keep them per position by default (`per_position_norms`, set by conversion): a few
+  vectors per position (2D parameters per position in total), and what makes a full-rank relaxed model reproduce
+  the original exactly (LoRA relaxes matrices, not vectors).
 """
 
 import dataclasses
@@ -68,10 +69,10 @@ class ModelConfig:
     # Recursion.
     n_loops: int = 1  # R; K = n_layers / n_loops shared layers
     strategy: str = "cycle"  # cycle: position l uses layer l mod K; sequence: layer floor(l / R)
-    rank_attn: int = 0  # LoRA rank on q, k, v, o (0: strict sharing)
+    rank_attn: int = 0  # LoRA rank on q, k, v, o (0: strict sharing); capped per projection at min(d_in, d_out)
     rank_mlp: int = 0  # LoRA rank on gate, up, down
     lora_alpha: float = 0.0  # s = alpha / r; 0 means alpha = r (s = 1)
-    per_position_norms: bool = False
+    per_position_norms: bool = False  # norm weights and projection biases (the vector parameters) per position
     # Compute.
     dtype: str = "float32"  # activation/matmul dtype; parameters keep their own dtype
     remat: str = "none"  # none | full | dots (save matmul outputs)
@@ -98,9 +99,9 @@ class ModelConfig:
         if not 0 < self.rotary_pct <= 1:
             bad(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")
         for name, rank, dims in (("rank_attn", self.rank_attn, self.attn_dims()), ("rank_mlp", self.rank_mlp, self.mlp_dims())):
-            limit = min(min(d) for d in dims)
+            limit = max(min(d) for d in dims)
             if rank < 0 or rank > limit:
-                bad(f"{name}={rank} must be in [0, {limit}] (min(d_in, d_out) over its projections)")
+                bad(f"{name}={rank} must be in [0, {limit}] (the largest min(d_in, d_out) of its projections)")
         jnp.dtype(self.dtype)
 
     @property
@@ -129,12 +130,22 @@ class ModelConfig:
         names = ATTN_PROJECTIONS + (("gate",) if self.gated_mlp else ()) + ("up", "down")
         return dict(zip(names, self.attn_dims() + self.mlp_dims()))
 
-    def rank(self, proj: str) -> int:
+    def group_rank(self, proj: str) -> int:
+        """The configured rank of the projection's group (attention or MLP)."""
         return self.rank_attn if proj in ATTN_PROJECTIONS else self.rank_mlp
 
+    def rank(self, proj: str) -> int:
+        """The rank actually used: the group's rank capped at min(d_in, d_out) (beyond it a factor adds nothing)."""
+        return min(self.group_rank(proj), min(self.projections()[proj]))
+
     def lora_scale(self, proj: str) -> float:
-        r = self.rank(proj)
+        """s = alpha / r with r the group's configured rank."""
+        r = self.group_rank(proj)
         return (self.lora_alpha or r) / r if r else 0.0
+
+    def bias_names(self) -> list[str]:
+        names = [p + "_bias" for p in ("q", "k", "v") if self.attn_bias] + (["o_bias"] if self.o_bias else [])
+        return names + [p + "_bias" for p in ("gate", "up", "down") if self.mlp_bias and p in self.projections()]
 
     def layer_ids(self) -> np.ndarray:
         """[R, K] int32: the shared layer used by depth position l = r * K + k."""
@@ -195,18 +206,18 @@ class Decoder(nnx.Module):
         self.embed = nnx.Param(_normal(rngs, (v, d)))
         self.layers = nnx.Dict()
         self.relax = nnx.Dict()
+        vectors, n_vec = (self.relax, l) if cfg.per_position_norms else (self.layers, k)
+        bias_names = cfg.bias_names()
         for name, (din, dout) in cfg.projections().items():
             self.layers[name] = nnx.Param(_normal(rngs, (k, din, dout)))
-            bias = cfg.attn_bias if name in ("q", "k", "v") else cfg.o_bias if name == "o" else cfg.mlp_bias
-            if bias:
-                self.layers[name + "_bias"] = nnx.Param(jnp.zeros((k, dout)))
+            if name + "_bias" in bias_names:
+                vectors[name + "_bias"] = nnx.Param(jnp.zeros((n_vec, dout)))
             if r := cfg.rank(name):
                 self.relax[name + "_a"] = nnx.Param(_normal(rngs, (l, din, r)))
                 self.relax[name + "_b"] = nnx.Param(jnp.zeros((l, r, dout)))
-        norms = self.relax if cfg.per_position_norms else self.layers
         for name in cfg.norm_names():
             init = 0.0 if name.endswith("_bias") or cfg.norm_offset else 1.0
-            norms[name] = nnx.Param(jnp.full((l if cfg.per_position_norms else k, d), init))
+            vectors[name] = nnx.Param(jnp.full((n_vec, d), init))
         self.final_norm = nnx.Param(jnp.full((d,), 0.0 if cfg.norm_offset else 1.0))
         if cfg.norm == "layer":
             self.final_norm_bias = nnx.Param(jnp.zeros((d,)))
@@ -417,14 +428,14 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts by group: embedding (embed + head), shared (layers + final norm), relax (LoRA + norms)."""
-    counts = {"embedding": 0, "shared": 0, "lora": 0, "position_norms": 0}
+    """Parameter counts: embedding (embed + head), shared (layers + final norm), LoRA, per-position vectors."""
+    counts = {"embedding": 0, "shared": 0, "lora": 0, "position_vectors": 0}
     for name, shape in param_shapes(cfg).items():
         n = int(np.prod(shape))
         if name in ("embed", "head"):
             counts["embedding"] += n
         elif name.startswith("relax/"):
-            counts["lora" if name.endswith(("_a", "_b")) else "position_norms"] += n
+            counts["lora" if name.endswith(("_a", "_b")) else "position_vectors"] += n
         else:
             counts["shared"] += n
     counts["total"] = sum(counts.values())

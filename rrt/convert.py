@@ -1,0 +1,234 @@
+"""Full-depth parameters -> (relaxed) recursive parameters, and the `python -m rrt.convert` CLI.
+
+Shared weights. Slot k of the K shared layers is tied to the depth positions that use it (cycle: k, k+K, ...;
+sequence: kR .. kR+R-1). Its initial weights come from the pretrained layers:
+  stepwise  layer round(linspace(0, L-1, K))[k] (every R-th layer, first and last kept; the same rule serves
+            sequence, where that layer lies in or next to slot k's own group)
+  average   the mean of the layers tied to slot k
+  lower     layer k;  upper  layer L-K+k
+  random    a fresh initialisation (the baseline)
+
+LoRA. Position l's residual W_l - W'_{slot(l)} is factored by a float32 SVD, U S V^T, truncated to rank r:
+a = U_r (input side, [I, r]) and b = S_r V_r^T / s ([r, O]), so that s * a @ b is the best rank-r approximation for
+any alpha (s = alpha / r). In the paper's output-first notation this is B = U S / s, A = V^T of the transposed
+residual. `zero` init keeps b = 0 (random a), the ablation in which the relaxed model starts as the strict one.
+At full rank, with per-position norms and biases, the relaxed model reproduces the original exactly.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from rrt import model as model_lib
+
+INITS = ("stepwise", "average", "lower", "upper", "random")
+LORA_INITS = ("svd", "zero")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recursion:
+    """How to make a recursive model out of a full-depth one."""
+
+    loops: int = 2
+    strategy: str = "cycle"
+    init: str = "stepwise"
+    rank_attn: int = 0
+    rank_mlp: int = 0
+    alpha: float = 0.0  # 0: alpha = r
+    lora_init: str = "svd"
+    per_position_norms: bool | None = None  # None: on for relaxed models, off for strict ones
+    seed: int = 0
+
+
+def recursive_config(base: model_lib.ModelConfig, rec: Recursion) -> model_lib.ModelConfig:
+    """The recursive model's config; validates the recursion against the base model."""
+    if rec.init not in INITS:
+        raise ValueError(f"unknown init {rec.init!r}; expected one of {INITS}")
+    if rec.lora_init not in LORA_INITS:
+        raise ValueError(f"unknown lora_init {rec.lora_init!r}; expected one of {LORA_INITS}")
+    if base.n_loops != 1 or base.relaxed:
+        raise ValueError("the source model must be a full-depth vanilla model (n_loops=1, rank 0)")
+    if rec.loops <= 0 or base.n_layers % rec.loops:
+        raise ValueError(f"the model's {base.n_layers} layers cannot be split into {rec.loops} loops (L % B != 0)")
+    relaxed = rec.rank_attn > 0 or rec.rank_mlp > 0
+    per_pos = relaxed if rec.per_position_norms is None else rec.per_position_norms
+    return dataclasses.replace(
+        base,
+        n_loops=rec.loops,
+        strategy=rec.strategy,
+        rank_attn=rec.rank_attn,
+        rank_mlp=rec.rank_mlp,
+        lora_alpha=rec.alpha,
+        per_position_norms=per_pos,
+    )
+
+
+def source_layers(cfg: model_lib.ModelConfig, init: str) -> list[list[int]]:
+    """For each shared slot, the pretrained layers whose (mean) weights initialise it."""
+    L, K = cfg.n_layers, cfg.n_shared
+    ids = cfg.layer_ids().reshape(-1)
+    if init == "stepwise":
+        return [[int(i)] for i in np.round(np.linspace(0, L - 1, K)).astype(int)]
+    if init == "average":
+        return [[int(l) for l in np.flatnonzero(ids == k)] for k in range(K)]
+    if init == "lower":
+        return [[k] for k in range(K)]
+    if init == "upper":
+        return [[L - K + k] for k in range(K)]
+    raise ValueError(f"no source layers for init {init!r}")
+
+
+def full_rank(base: model_lib.ModelConfig) -> tuple[int, int]:
+    """The ranks that reproduce every projection exactly: (attention, MLP)."""
+    dims = base.projections()
+    attn = max(min(d) for p, d in dims.items() if p in model_lib.ATTN_PROJECTIONS)
+    mlp = max(min(d) for p, d in dims.items() if p not in model_lib.ATTN_PROJECTIONS)
+    return attn, mlp
+
+
+def convert(base: model_lib.ModelConfig, params: dict[str, np.ndarray], rec: Recursion, progress: bool = True):
+    """Returns (recursive config, flat params, report). `params` are the full-depth model's (float32 math)."""
+    cfg = recursive_config(base, rec)
+    L, K = cfg.n_layers, cfg.n_shared
+    ids = cfg.layer_ids().reshape(-1)  # [L] shared slot of each position
+    out: dict[str, np.ndarray] = {k: v for k, v in params.items() if not k.startswith("layers/")}
+    fresh = None
+    if rec.init == "random":
+        fresh = model_lib.flat_params(model_lib.Decoder(cfg, rngs=nnx.Rngs(rec.seed)))
+    groups = None if rec.init == "random" else source_layers(cfg, rec.init)
+    vectors = set(cfg.norm_names() + cfg.bias_names())
+    full = {k: np.asarray(v, np.float32) for k, v in params.items() if k.startswith("layers/")}
+    shared = {}
+    for name, w_LxIxO in full.items():
+        leaf = name.removeprefix("layers/")
+        if fresh is not None and "layers/" + leaf in fresh:
+            shared[leaf] = np.asarray(fresh["layers/" + leaf])
+        elif fresh is not None:  # a vector kept per position below; its shared value is never used
+            shared[leaf] = w_LxIxO[:K]
+        else:
+            shared[leaf] = np.stack([w_LxIxO[g].mean(axis=0) for g in groups])
+        if leaf in vectors and cfg.per_position_norms:
+            out["relax/" + leaf] = w_LxIxO  # every position keeps its own norm / bias
+        else:
+            out["layers/" + leaf] = shared[leaf]
+
+    report = {"kept_energy": {}}
+    rng = np.random.default_rng(rec.seed)
+    jobs = [p for p in cfg.projections() if cfg.rank(p) > 0]
+    bar = tqdm(total=len(jobs) * L, desc="LoRA SVD", disable=not progress or not jobs, file=sys.stderr)
+    for proj in jobs:
+        r, s = cfg.rank(proj), cfg.lora_scale(proj)
+        din, dout = cfg.projections()[proj]
+        a = np.zeros((L, din, r), np.float32)
+        b = np.zeros((L, r, dout), np.float32)
+        kept = total = 0.0
+        for l in range(L):
+            resid = full["layers/" + proj][l] - shared[proj][ids[l]]
+            if rec.lora_init == "svd":
+                u, sv, vt = np.linalg.svd(resid.astype(np.float64), full_matrices=False)
+                a[l] = u[:, :r]
+                b[l] = (sv[:r, None] * vt[:r]) / s
+                kept += float(np.sum(sv[:r] ** 2))
+                total += float(np.sum(sv**2))
+            else:
+                a[l] = rng.normal(0.0, 1.0 / np.sqrt(din), (din, r))
+                total += float(np.sum(resid.astype(np.float64) ** 2))
+            bar.update()
+        out[f"relax/{proj}_a"], out[f"relax/{proj}_b"] = a, b
+        report["kept_energy"][proj] = kept / total if total > 0 else 1.0
+    bar.close()
+    report["params"] = model_lib.count_params(cfg)
+    expected = model_lib.param_shapes(cfg)
+    assert set(out) == set(expected), sorted(set(out) ^ set(expected))
+    return cfg, out, report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parse_rank(value: str) -> int | str:
+    if value == "full":
+        return "full"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rank must be an integer or 'full', got {value!r}") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="rrt.convert", description=__doc__.splitlines()[0])
+    p.add_argument("--source", required=True, help="HF dir, .gguf file or rrt checkpoint dir of a full-depth model")
+    p.add_argument("--out", required=True, help="output rrt model directory (must be new or hold this same conversion)")
+    p.add_argument("--loops", type=int, required=True, help="B: how many times the K = L / B shared layers loop")
+    p.add_argument("--strategy", choices=model_lib.STRATEGIES, default="cycle")
+    p.add_argument("--init", choices=INITS, default="stepwise")
+    p.add_argument("--rank", type=_parse_rank, default=0, help="LoRA rank on attention (and MLP); 0 strict; 'full'")
+    p.add_argument("--rank_mlp", type=_parse_rank, default=None, help="LoRA rank on the MLP (default: --rank)")
+    p.add_argument("--alpha", type=float, default=0.0, help="LoRA alpha (scale alpha / r); 0 means alpha = r")
+    p.add_argument("--lora_init", choices=LORA_INITS, default="svd")
+    p.add_argument("--per_position_norms", choices=("auto", "true", "false"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def recursion_from_args(base: model_lib.ModelConfig, args: argparse.Namespace) -> Recursion:
+    full_attn, full_mlp = full_rank(base)
+    rank_attn = full_attn if args.rank == "full" else args.rank
+    rank_mlp_arg = args.rank if args.rank_mlp is None else args.rank_mlp
+    rank_mlp = full_mlp if rank_mlp_arg == "full" else rank_mlp_arg
+    for name, r, limit in (("--rank", rank_attn, full_attn), ("--rank_mlp", rank_mlp, full_mlp)):
+        if r < 0 or r > limit:
+            raise ValueError(f"{name}={r} is above min(d_in, d_out) = {limit} of every projection it applies to")
+    ppn = {"auto": None, "true": True, "false": False}[args.per_position_norms]
+    return Recursion(args.loops, args.strategy, args.init, rank_attn, rank_mlp, args.alpha, args.lora_init, ppn, args.seed)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from rrt import checkpoints
+    from rrt.checkpoints import rrt_dir
+    from rrt.checkpoints import tokenizer as tokenizer_lib
+
+    base, params = checkpoints.load(args.source)
+    rec = recursion_from_args(base, args)
+    cfg = recursive_config(base, rec)  # validate before any work
+    conversion = {"source": os.path.abspath(args.source), "recursion": dataclasses.asdict(rec)}
+    if rrt_dir.is_rrt_dir(args.out):
+        if rrt_dir.read_meta(args.out).get("conversion") == conversion:
+            print(f"{args.out} already holds this conversion; nothing to do")
+            return 0
+        raise FileExistsError(f"{args.out} already holds a different checkpoint; choose another --out")
+    if os.path.exists(args.out) and os.listdir(args.out):
+        raise FileExistsError(f"{args.out} exists and is not empty; refusing to overwrite it")
+    cfg, new_params, report = convert(base, params, rec)
+    tok = tokenizer_lib.load_tokenizer(args.source)
+    rrt_dir.save(args.out, cfg, new_params, tokenizer=tok, conversion=conversion, report=report)
+    counts = report["params"]
+    base_counts = model_lib.count_params(base)
+    print(f"recursive model: {cfg.n_shared} shared layers x {cfg.n_loops} loops ({cfg.strategy}, {rec.init} init)")
+    print(f"  parameters: embedding {counts['embedding']:,}  shared {counts['shared']:,}  LoRA {counts['lora']:,}"
+          f"  per-position vectors {counts['position_vectors']:,}  total {counts['total']:,}"
+          f"  (original {base_counts['total']:,})")
+    if report["kept_energy"]:
+        print("  fraction of each residual's squared Frobenius norm kept by the LoRA init:")
+        for proj, frac in report["kept_energy"].items():
+            print(f"    {proj:5s} rank {cfg.rank(proj):5d}: {frac:.4f}")
+    print(f"wrote {args.out}")
+    with open(os.path.join(args.out, "conversion_report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return 0
+
+
+def run():
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

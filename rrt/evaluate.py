@@ -1,0 +1,111 @@
+"""`python -m rrt.evaluate`: held-out perplexity and few-shot tasks of any model rrt can load.
+
+    python -m rrt.evaluate --source <HF dir | .gguf | rrt dir> --task perplexity --data <text file> \
+        --seq_len N --output results.json
+    python -m rrt.evaluate --source <...> --tasks lambada,hellaswag,piqa,winogrande,arc_easy,arc_challenge,openbookqa \
+        --data_dir ../shared/data --shots K --limit N --output results.json
+
+Results JSON: one key per task. Recursive models also report every exit loop (`per_loop`).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from rrt import perplexity as perplexity_lib
+from rrt import sources
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="rrt.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--source", required=True, help="HF dir, .gguf file, rrt model dir or training workdir")
+    p.add_argument("--task", default=None, help="a single task (same as --tasks)")
+    p.add_argument("--tasks", default=None, help="comma-separated: perplexity, the seven paper tasks, mc:<jsonl>, partial:<jsonl>")
+    p.add_argument("--data", default=None, help="text file for perplexity")
+    p.add_argument("--heldout_fraction", type=float, default=1.0,
+                   help="score only the last fraction of --data (e.g. 0.1 for a training corpus's held-out tail)")
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--data_dir", default=None, help="directory holding eval/ (the few-shot sets)")
+    p.add_argument("--shots", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    p.add_argument("--seed", type=int, default=1234, help="seed for drawing few-shot examples")
+    p.add_argument("--dtype", default=None, help="cast parameters (float32, bfloat16)")
+    p.add_argument("--output", default=None, help="results JSON path")
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.task and args.tasks:
+        p.error("give --task or --tasks, not both")
+    args.task_list = [t for t in (args.task or args.tasks or "").split(",") if t]
+    if not args.task_list:
+        p.error("no task: give --task perplexity or --tasks ...")
+    if "perplexity" in args.task_list and not args.data:
+        p.error("--task perplexity needs --data <text file>")
+    if not 0 < args.heldout_fraction <= 1:
+        p.error("--heldout_fraction must be in (0, 1]")
+    return args
+
+
+def heldout_text(path: str, fraction: float) -> str:
+    """The last `fraction` of a text file, starting at a line boundary."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"{path} is empty")
+    if fraction >= 1:
+        return text
+    cut = text.find("\n", int(len(text) * (1 - fraction)))
+    return text[cut + 1 :] if cut >= 0 else text
+
+
+def markdown_table(results: dict) -> str:
+    rows = ["| task | metric | value | n |", "|---|---|---|---|"]
+    for task, res in results.items():
+        if task == "perplexity":
+            rows.append(f"| perplexity | ppl | {res['ppl']:.3f} | {res['tokens']} |")
+            continue
+        for metric in ("acc", "acc_norm", "ppl"):
+            if metric in res:
+                val = f"{100 * res[metric]:.2f}" if metric != "ppl" else f"{res[metric]:.3f}"
+                rows.append(f"| {task} | {metric} | {val} | {res.get('n', '')} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    model = sources.load_model(args.source, dtype=args.dtype)
+    tokenizer = sources.load_tokenizer(args.source)
+    results = {}
+    for task in args.task_list:
+        if task == "perplexity":
+            ids = tokenizer.encode(heldout_text(args.data, args.heldout_fraction))
+            res = perplexity_lib.perplexity(model, ids, args.seq_len, args.batch_size, not args.no_progress)
+            res["data"] = os.path.abspath(args.data)
+            res["seq_len"] = args.seq_len
+            results["perplexity"] = res
+    fewshot_tasks = [t for t in args.task_list if t != "perplexity"]
+    if fewshot_tasks:
+        from rrt import fewshot
+
+        results.update(
+            fewshot.evaluate_tasks(
+                model, tokenizer, fewshot_tasks, data_dir=args.data_dir, shots=args.shots, limit=args.limit,
+                seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress,
+            )
+        )
+    print(markdown_table(results))
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def run():
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
