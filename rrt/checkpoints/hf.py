@@ -1,0 +1,269 @@
+"""Hugging Face checkpoints (config.json + safetensors) -> ModelConfig and flat rrt parameters.
+
+Families: Llama (TinyLlama, SmolLM2), Gemma v1 and GPT-NeoX (Pythia). The reader streams: it preallocates the
+stacked [L, ...] arrays of `rrt.model.param_shapes(cfg)` and fills them one tensor at a time, so peak memory is about
+one copy of the model. Tensors are read zero-copy from a memory map at the offsets in the safetensors header
+(`safe_open` first validates the file); this also reads bfloat16, which safetensors' numpy backend cannot.
+
+Torch kernels are [out, in]; ours are [in, out]. NeoX fuses q, k and v into one `query_key_value` whose rows are
+grouped per head: viewed as [N, 3, H, D] (transformers: `.view(..., N, 3 * H)` then `chunk(3)` on the last axis).
+"""
+
+import json
+import os
+import re
+from collections.abc import Callable
+
+import ml_dtypes
+import numpy as np
+import safetensors
+
+from rrt import model
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+# model_type -> the one architecture we read, and the prefix of its decoder's tensor names.
+FAMILIES = {"llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
+# Non-parameter buffers some checkpoints carry: rotary caches and NeoX's causal-mask constants.
+IGNORED = re.compile(r".*(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias)$")
+# transformers' ACT2FN names -> ours ("gelu" is the exact erf form; the others are the tanh approximation).
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+ACTIVATIONS["gelu_pytorch_tanh"] = "gelu_tanh"
+DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+
+
+def read_config(path: str) -> dict:
+    """The config.json of an HF directory."""
+    file = os.path.join(path, CONFIG)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path}: no {CONFIG} (not a Hugging Face model directory)")
+    with open(file) as f:
+        return json.load(f)
+
+
+def _rope(hf: dict, default_pct: float) -> tuple[float, float]:
+    """(theta, rotary fraction) from transformers 5's `rope_parameters` or the older top-level keys."""
+    rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if "full_attention" in rp:  # per-layer-type nesting; these families have one type
+        rp = rp["full_attention"]
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"config.json: rope type {kind!r} is not supported (only the default RoPE)")
+    theta = rp.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
+    pct = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", default_pct)))
+    return float(theta), float(pct)
+
+
+def _act(hf: dict, family: str) -> str:
+    name = hf.get("hidden_activation") or hf.get("hidden_act", {"gemma": "gelu_pytorch_tanh"}.get(family, "silu"))
+    if family == "gemma" and name == "gelu":  # legacy Gemma configs; transformers maps it to the tanh form
+        name = "gelu_pytorch_tanh"
+    if name not in ACTIVATIONS:
+        raise ValueError(
+            f"config.json: hidden activation {name!r} is not supported; expected one of {list(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[name]
+
+
+def config_from_hf(hf: dict) -> model.ModelConfig:
+    """Maps a config.json dict to a vanilla ModelConfig; unknown model types or architectures are errors."""
+    family = hf.get("model_type")
+    archs = hf.get("architectures") or [FAMILIES.get(family)]
+    if family not in FAMILIES or archs != [FAMILIES[family]]:
+        raise ValueError(
+            f"config.json: unsupported model_type {family!r} / architectures {archs}; "
+            f"supported: {', '.join(f'{k} ({v})' for k, v in FAMILIES.items())}"
+        )
+    d, n = hf["hidden_size"], hf["num_attention_heads"]
+    common = dict(
+        vocab_size=hf["vocab_size"],
+        d_model=d,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n,
+        d_ff=hf["intermediate_size"],
+        act=_act(hf, family),
+    )
+    if family == "gpt_neox":
+        theta, pct = _rope(hf, 0.25)
+        bias = hf.get("attention_bias", True)
+        return model.ModelConfig(
+            **common,
+            n_kv_heads=n,
+            head_dim=d // n,
+            family="neox",
+            norm="layer",
+            norm_eps=hf.get("layer_norm_eps", 1e-5),
+            gated_mlp=False,
+            parallel_residual=hf.get("use_parallel_residual", True),
+            attn_bias=bias,
+            o_bias=bias,
+            mlp_bias=True,
+            rope_theta=theta,
+            rotary_pct=pct,
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+        )
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("config.json: use_bidirectional_attention is not supported (causal decoders only)")
+    theta, pct = _rope(hf, 1.0)
+    gemma = family == "gemma"
+    bias = hf.get("attention_bias", False)
+    return model.ModelConfig(
+        **common,
+        n_kv_heads=hf.get("num_key_value_heads") or n,
+        head_dim=hf.get("head_dim") or (256 if gemma else d // n),  # GemmaConfig's default head_dim is 256
+        family="gemma" if gemma else "llama",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_offset=1.0 if gemma else 0.0,
+        attn_bias=bias,
+        o_bias=bias,
+        mlp_bias=hf.get("mlp_bias", False),
+        rope_theta=theta,
+        rotary_pct=pct,
+        tie_embeddings=hf.get("tie_word_embeddings", gemma),
+        embed_scale=gemma,
+    )
+
+
+# A plan entry: (rrt name, layer index or None, transform of the torch tensor into that slot).
+Target = tuple[str, int | None, Callable[[np.ndarray], np.ndarray]]
+
+
+def _plan(cfg: model.ModelConfig) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
+    """{HF tensor name: (expected HF shape, targets)} for every tensor the checkpoint must hold."""
+    shapes = model.param_shapes(cfg)
+    plan = {}
+
+    def add(hf_name, name, layer=None, transpose=False):
+        shape = shapes[name][1:] if layer is not None else shapes[name]
+        plan[hf_name] = (shape[::-1] if transpose else shape, [(name, layer, np.transpose if transpose else None)])
+
+    neox = cfg.family == "neox"
+    root = "gpt_neox." if neox else "model."
+    add(root + ("embed_in" if neox else "embed_tokens") + ".weight", "embed")
+    add(root + ("final_layer_norm" if neox else "norm") + ".weight", "final_norm")
+    if cfg.norm == "layer":
+        add(root + "final_layer_norm.bias", "final_norm_bias")
+    if not cfg.tie_embeddings:
+        add("embed_out.weight" if neox else "lm_head.weight", "head", transpose=True)
+    if neox:
+        names = {"o": "attention.dense", "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}
+    else:
+        names = {p: f"self_attn.{p}_proj" for p in "qkvo"} | {p: f"mlp.{p}_proj" for p in ("gate", "up", "down")}
+    norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    n, h, d = cfg.n_heads, cfg.head_dim, cfg.d_model
+    for i in range(cfg.n_layers):
+        pre = f"{root}layers.{i}."
+        for ours, theirs in names.items():
+            add(pre + theirs + ".weight", f"layers/{ours}", i, transpose=True)
+            if f"layers/{ours}_bias" in shapes:
+                add(pre + theirs + ".bias", f"layers/{ours}_bias", i)
+        for ours, theirs in norms.items():
+            add(pre + theirs + ".weight", f"layers/{ours}", i)
+            if cfg.norm == "layer":
+                add(pre + theirs + ".bias", f"layers/{ours}_bias", i)
+        if neox:  # fused rows [N, 3, H] -> q, k, v
+            qkv = pre + "attention.query_key_value."
+            plan[qkv + "weight"] = (
+                (3 * n * h, d),
+                [
+                    (f"layers/{p}", i, lambda w, j=j: w.reshape(n, 3, h, d)[:, j].reshape(n * h, d).T)
+                    for j, p in enumerate("qkv")
+                ],
+            )
+            if cfg.attn_bias:
+                plan[qkv + "bias"] = (
+                    (3 * n * h,),
+                    [
+                        (f"layers/{p}_bias", i, lambda b, j=j: b.reshape(n, 3, h)[:, j].reshape(n * h))
+                        for j, p in enumerate("qkv")
+                    ],
+                )
+    return plan
+
+
+def _files(path: str) -> list[str]:
+    """The safetensors files of a directory: the shards its index names, or model.safetensors."""
+    index = os.path.join(path, INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return sorted(set(weight_map.values()))
+    if os.path.isfile(os.path.join(path, SINGLE)):
+        return [SINGLE]
+    present = sorted(os.listdir(path))
+    raise FileNotFoundError(f"{path}: no {SINGLE} or {INDEX} (found {present}); only safetensors checkpoints are read")
+
+
+class _SafetensorsFile:
+    """One validated safetensors file, its tensors read as numpy views of a memory map."""
+
+    def __init__(self, file: str):
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: safetensors file listed in the index is missing")
+        try:
+            with safetensors.safe_open(file, framework="numpy"):  # validates header and size
+                pass
+        except Exception as e:
+            raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+        self.file = file
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            self.header = {k: v for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
+        self.data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n)
+
+    def dtype(self, name: str) -> np.dtype:
+        kind = self.header[name]["dtype"]
+        if kind not in DTYPES:
+            raise ValueError(f"{self.file}: tensor {name!r} has dtype {kind}, not a float type we read")
+        return np.dtype(DTYPES[kind])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def read(self, name: str) -> np.ndarray:
+        begin, end = self.header[name]["data_offsets"]
+        return self.data[begin:end].view(self.dtype(name)).reshape(self.shape(name))
+
+
+def load(path: str, dtype=None) -> tuple[model.ModelConfig, dict[str, np.ndarray]]:
+    """(config, flat params) of an HF directory. `dtype=None` keeps each tensor's stored dtype."""
+    cfg = config_from_hf(read_config(path))
+    plan = _plan(cfg)
+    shapes = model.param_shapes(cfg)
+    files = [_SafetensorsFile(os.path.join(path, f)) for f in _files(path)]
+    where = {}
+    for f in files:
+        for name in f.header:
+            if name in plan:
+                where[name] = f
+            elif not (IGNORED.match(name) or (cfg.tie_embeddings and name in ("lm_head.weight", "embed_out.weight"))):
+                raise ValueError(f"{f.file}: unexpected tensor {name!r} for a {cfg.family} model of this config")
+    missing = [name for name in plan if name not in where]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ValueError(f"{path}: missing tensors {missing[:5]}{more}")
+
+    params = {}
+    for hf_name, (hf_shape, targets) in plan.items():
+        f = where[hf_name]
+        if f.shape(hf_name) != hf_shape:
+            raise ValueError(f"{f.file}: tensor {hf_name!r} has shape {f.shape(hf_name)}, expected {hf_shape}")
+        value = f.read(hf_name)
+        for name, layer, transform in targets:
+            if name not in params:
+                params[name] = np.empty(shapes[name], dtype=np.dtype(dtype) if dtype is not None else value.dtype)
+            piece = transform(value) if transform else value
+            if layer is None:
+                params[name][...] = piece
+            else:
+                params[name][layer] = piece
+    return cfg, params
