@@ -187,7 +187,9 @@ def recursion_from_args(base: model_lib.ModelConfig, args: argparse.Namespace) -
         if r < 0 or r > limit:
             raise ValueError(f"{name}={r} is above min(d_in, d_out) = {limit} of every projection it applies to")
     ppn = {"auto": None, "true": True, "false": False}[args.per_position_norms]
-    return Recursion(args.loops, args.strategy, args.init, rank_attn, rank_mlp, args.alpha, args.lora_init, ppn, args.seed)
+    return Recursion(
+        args.loops, args.strategy, args.init, rank_attn, rank_mlp, args.alpha, args.lora_init, ppn, args.seed
+    )
 
 
 def main(argv=None) -> int:
@@ -213,9 +215,11 @@ def main(argv=None) -> int:
     counts = report["params"]
     base_counts = model_lib.count_params(base)
     print(f"recursive model: {cfg.n_shared} shared layers x {cfg.n_loops} loops ({cfg.strategy}, {rec.init} init)")
-    print(f"  parameters: embedding {counts['embedding']:,}  shared {counts['shared']:,}  LoRA {counts['lora']:,}"
-          f"  per-position vectors {counts['position_vectors']:,}  total {counts['total']:,}"
-          f"  (original {base_counts['total']:,})")
+    print(
+        f"  parameters: embedding {counts['embedding']:,}  shared {counts['shared']:,}  LoRA {counts['lora']:,}"
+        f"  per-position vectors {counts['position_vectors']:,}  total {counts['total']:,}"
+        f"  (original {base_counts['total']:,})"
+    )
     if report["kept_energy"]:
         print("  fraction of each residual's squared Frobenius norm kept by the LoRA init:")
         for proj, frac in report["kept_energy"].items():

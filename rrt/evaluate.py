@@ -21,10 +21,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rrt.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--source", required=True, help="HF dir, .gguf file, rrt model dir or training workdir")
     p.add_argument("--task", default=None, help="a single task (same as --tasks)")
-    p.add_argument("--tasks", default=None, help="comma-separated: perplexity, the seven paper tasks, mc:<jsonl>, partial:<jsonl>")
+    p.add_argument(
+        "--tasks", default=None, help="comma-separated: perplexity, the seven paper tasks, mc:<jsonl>, partial:<jsonl>"
+    )
     p.add_argument("--data", default=None, help="text file for perplexity")
-    p.add_argument("--heldout_fraction", type=float, default=1.0,
-                   help="score only the last fraction of --data (e.g. 0.1 for a training corpus's held-out tail)")
+    p.add_argument(
+        "--heldout_fraction",
+        type=float,
+        default=1.0,
+        help="score only the last fraction of --data (e.g. 0.1 for a training corpus's held-out tail)",
+    )
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--data_dir", default=None, help="directory holding eval/ (the few-shot sets)")
@@ -90,8 +96,15 @@ def main(argv=None) -> int:
 
         results.update(
             fewshot.evaluate_tasks(
-                model, tokenizer, fewshot_tasks, data_dir=args.data_dir, shots=args.shots, limit=args.limit,
-                seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress,
+                model,
+                tokenizer,
+                fewshot_tasks,
+                data_dir=args.data_dir,
+                shots=args.shots,
+                limit=args.limit,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                progress=not args.no_progress,
             )
         )
     print(markdown_table(results))

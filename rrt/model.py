@@ -98,7 +98,10 @@ class ModelConfig:
             bad(f"unknown remat {self.remat!r}; expected one of {REMAT_POLICIES}")
         if not 0 < self.rotary_pct <= 1:
             bad(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")
-        for name, rank, dims in (("rank_attn", self.rank_attn, self.attn_dims()), ("rank_mlp", self.rank_mlp, self.mlp_dims())):
+        for name, rank, dims in (
+            ("rank_attn", self.rank_attn, self.attn_dims()),
+            ("rank_mlp", self.rank_mlp, self.mlp_dims()),
+        ):
             limit = max(min(d) for d in dims)
             if rank < 0 or rank > limit:
                 bad(f"{name}={rank} must be in [0, {limit}] (the largest min(d_in, d_out) of its projections)")
@@ -232,13 +235,18 @@ class Decoder(nnx.Module):
         *,
         cache: dict | None = None,
         return_loop_hiddens: bool = False,
+        constrain_shared=None,
     ):
         """Logits [B, T, V]; with `cache`, also the updated cache; with `return_loop_hiddens`, the hidden state
-        after each loop [R, B, T, D] (before the final norm; `self.logits` turns one into logits)."""
+        after each loop [R, B, T, D] (before the final norm; `self.logits` turns one into logits).
+        `constrain_shared` (dict -> dict) is applied to the shared block before the loops (sharding.py)."""
         x_BxTxD = self.embed_tokens(tokens_BxT)
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
-        x_BxTxD, hiddens_RxBxTxD, cache = stack(self.cfg, self.weights(), x_BxTxD, positions_BxT, segment_ids_BxT, cache)
+        weights = self.weights()
+        if constrain_shared is not None:
+            weights["layers"] = constrain_shared(weights["layers"])
+        x_BxTxD, hiddens_RxBxTxD, cache = stack(self.cfg, weights, x_BxTxD, positions_BxT, segment_ids_BxT, cache)
         out = (self.logits(x_BxTxD),)
         if cache is not None:
             out += (cache,)
@@ -248,7 +256,10 @@ class Decoder(nnx.Module):
 
     def weights(self) -> dict[str, dict[str, jax.Array]]:
         """The shared (`layers`) and per-position (`relax`) arrays as plain dicts."""
-        return {"layers": {k: v[...] for k, v in self.layers.items()}, "relax": {k: v[...] for k, v in self.relax.items()}}
+        return {
+            "layers": {k: v[...] for k, v in self.layers.items()},
+            "relax": {k: v[...] for k, v in self.relax.items()},
+        }
 
     def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
         dtype = jnp.dtype(self.cfg.dtype)
@@ -385,7 +396,9 @@ def stack(cfg: ModelConfig, weights: dict, x_BxTxD, positions_BxT, segment_ids_B
 
     def position(x, xs):
         relax_l, layer_id, cache_l = xs
-        x, cache_l = block(cfg, {**shared_layer(shared, layer_id), **relax_l}, x, positions_BxT, segment_ids_BxT, cache_l)
+        x, cache_l = block(
+            cfg, {**shared_layer(shared, layer_id), **relax_l}, x, positions_BxT, segment_ids_BxT, cache_l
+        )
         return x, cache_l
 
     position = _remat(cfg, position)
@@ -454,7 +467,9 @@ def from_params(cfg: ModelConfig, params: dict[str, Any], dtype=None) -> Decoder
         name = "/".join(str(p) for p in path)
         value = params[name]
         if tuple(value.shape) != tuple(expected[name].shape):
-            raise ValueError(f"parameter {name!r}: shape {tuple(value.shape)}, model expects {tuple(expected[name].shape)}")
+            raise ValueError(
+                f"parameter {name!r}: shape {tuple(value.shape)}, model expects {tuple(expected[name].shape)}"
+            )
         var.set_value(jnp.asarray(value, dtype=dtype))
     nnx.update(model, state)
     return model

@@ -50,6 +50,8 @@ def _segment_positions(segment_ids_BxT: jax.Array) -> jax.Array:
     """Positions restarting at 0 at every segment change."""
     t = segment_ids_BxT.shape[1]
     idx = jnp.broadcast_to(jnp.arange(t), segment_ids_BxT.shape)
-    start = jnp.concatenate([jnp.ones_like(segment_ids_BxT[:, :1], bool), segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], 1)
+    start = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BxT[:, :1], bool), segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], 1
+    )
     first = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
     return idx - first

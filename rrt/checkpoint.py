@@ -1,0 +1,92 @@
+"""Training checkpoints: an Orbax CheckpointManager over params, optimizer state and the data iterators' state.
+
+Layout of a workdir:
+    <workdir>/rrt_model.json      the model config (written once, at the start of a run; see rrt.checkpoints.rrt_dir)
+    <workdir>/tokenizer/          the tokenizer
+    <workdir>/checkpoints/<step>/ Orbax items: params, opt_state, meta (step, config fingerprint), data (iterators)
+
+Orbax writes each step into a temporary directory and renames it when complete, so a process killed mid-save
+leaves no step that restores wrongly; the manager ignores (and cleans) unfinished ones. Every host's data-iterator
+state is gathered to the primary host and saved as one JSON list, so a restart restores each host's own position.
+Restoring onto another mesh uses the target shardings of the current run.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from rrt import model as model_lib
+from rrt.checkpoints import rrt_dir
+
+
+def manager(workdir: str, save_every: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=options,
+        item_names=("params", "opt_state", "meta", "data"),
+    )
+
+
+def gather_json(state) -> list:
+    """Every host's JSON-able state, in process order (an all-gather of the encoded bytes)."""
+    if jax.process_count() == 1:
+        return [state]
+    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([raw.size], np.int32))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: raw.size] = raw
+    everything = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(everything, lengths.reshape(-1))]
+
+
+def save(
+    mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict, data_state, force: bool = False
+) -> bool:
+    """Saves if `step` is due (or `force`); returns whether a save started. Async: errors surface at wait/close."""
+    if not force and not mngr.should_save(step):
+        return False
+    hosts = gather_json(data_state)
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        opt_state=ocp.args.StandardSave(opt_state),
+        meta=ocp.args.JsonSave(meta),
+        data=ocp.args.JsonSave({"hosts": hosts}),
+    )
+    return mngr.save(step, args=args, force=force)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state):
+    """(params, opt_state, meta, this host's data state) of `step`, placed with the abstract trees' shardings."""
+    args = ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params),
+        opt_state=ocp.args.StandardRestore(abstract_opt_state),
+        meta=ocp.args.JsonRestore(),
+        data=ocp.args.JsonRestore(),
+    )
+    out = mngr.restore(step, args=args)
+    hosts = out["data"]["hosts"]
+    if len(hosts) != jax.process_count():
+        raise ValueError(
+            f"checkpoint step {step} holds data-iterator states of {len(hosts)} hosts; this run has "
+            f"{jax.process_count()}: the input pipeline cannot resume exactly on another host count"
+        )
+    return out["params"], out["opt_state"], out["meta"], hosts[jax.process_index()]
+
+
+def load_params(workdir: str, cfg: model_lib.ModelConfig, step: int | None = None) -> dict[str, np.ndarray]:
+    """The flat parameters of a training workdir's newest (or given) complete step, on the host."""
+    mngr = manager(workdir, 1, None, async_save=False)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir} holds no complete checkpoint")
+    abstract = rrt_dir.nest({k: jax.ShapeDtypeStruct(s, np.float32) for k, s in model_lib.param_shapes(cfg).items()})
+    tree = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+    mngr.close()
+    return {k: np.asarray(v) for k, v in rrt_dir.flatten(tree).items()}

@@ -1,0 +1,493 @@
+"""`python -m rrt.train --config configs/<file>.py --workdir <dir> [--config.x=y ...]`: uptrain a recursive model.
+
+Reading order: `main` (setup: distributed, mesh, model from the source or the workdir, data, optimizer, restore),
+`train_step` (pure: loss, gradients, update), `loop` (steps, checkpoints, logs, evals). Rerunning the same command
+resumes from the newest complete checkpoint in the workdir; SIGTERM (preemption) saves one and exits.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_dict, config_flags
+
+from rrt import checkpoint as ckpt_lib
+from rrt import convert as convert_lib
+from rrt import flops as flops_lib
+from rrt import losses
+from rrt import model as model_lib
+from rrt import optim as optim_lib
+from rrt import sharding as sharding_lib
+from rrt.checkpoints import rrt_dir
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs; rerun to resume")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+    exit_weight: float = 0.0
+
+    def __post_init__(self):
+        if not 0 <= self.kd_weight <= 1:
+            raise ValueError(f"loss.kd_weight must be in [0, 1], got {self.kd_weight}")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"loss.kd_temperature must be positive, got {self.kd_temperature}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step.
+
+
+def loss_fn(params, teacher_params, mb, *, graphdef, teacher_graphdef, loss_cfg: LossConfig, constrain):
+    """Summed (weighted) loss over the micro-batch's tokens, and per-loop summed CE / KL."""
+    model = nnx.merge(graphdef, params)
+    _, hiddens_RxBxTxD = model(
+        mb["inputs"], mb["positions"], mb["segment_ids"], return_loop_hiddens=True, constrain_shared=constrain
+    )
+    mask = mb["loss_mask"]
+    teacher_logits = None
+    if loss_cfg.kd_weight > 0:
+        teacher = nnx.merge(teacher_graphdef, teacher_params)
+        teacher_logits = jax.lax.stop_gradient(teacher(mb["inputs"], mb["positions"], mb["segment_ids"]))
+    weights = losses.loop_weights(model.cfg.n_loops, loss_cfg.exit_weight)
+    total, ce, kl = 0.0, [], []
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)  # never keep R [B, T, V] logits alive for the backward
+    def loop_loss(h_BxTxD):
+        logits = model.logits(h_BxTxD)
+        c = losses.cross_entropy(logits, mb["targets"], mask)
+        k = (
+            losses.forward_kl(logits, teacher_logits, mask, loss_cfg.kd_temperature)
+            if teacher_logits is not None
+            else 0.0
+        )
+        return c, k
+
+    for r, w in enumerate(weights):
+        h = hiddens_RxBxTxD[r] if w > 0 else jax.lax.stop_gradient(hiddens_RxBxTxD[r])
+        c, k = loop_loss(h)
+        total = total + w * ((1 - loss_cfg.kd_weight) * c + loss_cfg.kd_weight * k)
+        ce.append(c)
+        kl.append(k)
+    return total, (jnp.stack(ce), jnp.stack(jnp.asarray(kl)))
+
+
+def train_step(params, opt_state, teacher_params, batch, *, opt, n_micro: int, n_loops: int, **loss_kw):
+    """One optimizer step over `n_micro` micro-batches (gradients summed, then divided by the token count)."""
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, **loss_kw), has_aux=True)
+    micro = jax.tree.map(lambda x: x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:]), batch)
+
+    def accumulate(carry, mb):
+        grads, loss, ce, kl = carry
+        (l, (c, k)), g = grad_fn(params, teacher_params, mb)
+        return (jax.tree.map(jnp.add, grads, g), loss + l, ce + c, kl + k), None
+
+    r = n_loops
+    init = (jax.tree.map(jnp.zeros_like, params), 0.0, jnp.zeros(r), jnp.zeros(r))
+    (grads, loss, ce, kl), _ = jax.lax.scan(accumulate, init, micro)
+    tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss / tokens, "grad_norm": optax.global_norm(grads), "tokens": tokens}
+    for i in range(r):
+        metrics[f"loss/loop{i + 1}"] = ce[i] / tokens
+        if loss_kw["loss_cfg"].kd_weight > 0:
+            metrics[f"kl/loop{i + 1}"] = kl[i] / tokens
+    return params, opt_state, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup helpers (the ConfigDict stops here: everything below `main` takes typed values).
+
+
+def resolve_source(source: str) -> str:
+    if source == "smollm2":
+        from rrt.checkpoints import gguf
+
+        return gguf.smollm2_gguf_path()
+    return source
+
+
+def recursion_from_config(c: config_dict.ConfigDict, base: model_lib.ModelConfig) -> convert_lib.Recursion:
+    full_attn, full_mlp = convert_lib.full_rank(base)
+    ppn = {"auto": None, "true": True, "false": False, True: True, False: False}[c.per_position_norms]
+    return convert_lib.Recursion(
+        loops=c.loops,
+        strategy=c.strategy,
+        init=c.init,
+        rank_attn=full_attn if c.rank_attn == -1 else c.rank_attn,
+        rank_mlp=full_mlp if c.rank_mlp == -1 else c.rank_mlp,
+        alpha=c.alpha,
+        lora_init=c.lora_init,
+        per_position_norms=ppn,
+    )
+
+
+def data_config(c: config_dict.ConfigDict, workdir: str, split: str = "train"):
+    from rrt import data
+
+    sources = tuple(
+        data.SourceConfig(**dict(s), split=split) if split != "train" else data.SourceConfig(**dict(s))
+        for s in c.data.sources
+    )
+    return data.DataConfig(
+        sources=sources,
+        seq_len=c.data.seq_len,
+        global_batch_size=c.data.global_batch_size,
+        seed=c.data.seed,
+        cache_dir=c.data.cache_dir or os.path.join(workdir, "token_cache"),
+        num_workers=c.data.num_workers,
+    )
+
+
+def init_distributed(c: config_dict.ConfigDict) -> None:
+    d = c.distributed
+    if d.coordinator_address:
+        jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+    elif (
+        any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    ):
+        jax.distributed.initialize()  # reads the TPU metadata server or SLURM_* variables
+
+
+def place(tree: dict, shardings: dict) -> dict:
+    """Host numpy arrays -> global arrays with the given shardings (each host supplies only its shards)."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: np.asarray(x[idx])), tree, shardings
+    )
+
+
+def build_model(c, workdir: str):
+    """(model config, host params or None when resuming, tokenizer source, teacher (cfg, params) or None)."""
+    meta_path = os.path.join(workdir, rrt_dir.META)
+    source = resolve_source(c.source)
+    base = base_params = None
+    if source:
+        from rrt import checkpoints
+
+        base, base_params = checkpoints.load(source)
+    if source:
+        rec = recursion_from_config(c.recursion, base)
+        cfg = convert_lib.recursive_config(base, rec)
+    else:
+        cfg = model_lib.ModelConfig(
+            **dict(c.model),
+            n_loops=c.recursion.loops,
+            strategy=c.recursion.strategy,
+            rank_attn=max(c.recursion.rank_attn, 0),
+            rank_mlp=max(c.recursion.rank_mlp, 0),
+            lora_alpha=c.recursion.alpha,
+        )
+        rec = None
+    cfg = dataclasses.replace(cfg, dtype=c.dtype, remat=c.remat)
+    conversion = {
+        "source": os.path.abspath(source) if source else "",
+        "recursion": dataclasses.asdict(rec) if rec else None,
+    }
+    if os.path.exists(meta_path):
+        meta = rrt_dir.read_meta(workdir)
+        stored = model_lib.ModelConfig.from_dict(meta["model"])
+        strip = lambda m: dataclasses.replace(m, dtype="float32", remat="none")  # noqa: E731
+        if strip(stored) != strip(cfg) or meta.get("conversion") != conversion:
+            raise ValueError(
+                f"{workdir} holds a run of a different model or conversion ({meta_path}); use a new --workdir"
+            )
+    teacher = (base, base_params) if c.loss.kd_weight > 0 else None
+    if teacher is None and c.loss.kd_weight > 0:
+        raise ValueError("loss.kd_weight > 0 needs a source model to distil from")
+    return cfg, base, base_params, rec, conversion, teacher
+
+
+class Logger:
+    """metrics.jsonl + TensorBoard on the primary host."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.primary = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if self.primary:
+            from tensorboardX import SummaryWriter
+
+            if os.path.exists(self.path):  # drop records a killed run wrote after its last checkpoint
+                with open(self.path) as f:
+                    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+                with open(self.path, "w") as f:
+                    f.writelines(keep)
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.primary:
+            return
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k != "step":
+                self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self):
+        if self.primary:
+            self.tb.close()
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
+    c = _CONFIG.value
+    workdir = _WORKDIR.value
+    if not workdir:
+        raise app.UsageError("--workdir is required")
+    init_distributed(c)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding_lib.make_mesh(tuple(c.mesh))
+    cfg, base, base_params, rec, conversion, teacher = build_model(c, workdir)
+    loss_cfg = LossConfig(c.loss.kd_weight, c.loss.kd_temperature, c.loss.exit_weight)
+    opt_cfg = optim_lib.OptimConfig(**{k: v for k, v in c.optim.items()}, total_steps=c.steps)
+    if c.data.global_batch_size % c.grad_accum:
+        raise ValueError(
+            f"data.global_batch_size={c.data.global_batch_size} is not divisible by grad_accum={c.grad_accum}"
+        )
+
+    graphdef, abstract_state = nnx.split(model_lib.abstract(cfg))
+    abstract_params = nnx.to_pure_dict(abstract_state)
+    param_sh = sharding_lib.param_shardings(abstract_params, mesh)
+    opt, schedules = optim_lib.make(opt_cfg, abstract_params)
+    mngr = ckpt_lib.manager(workdir, c.checkpoint_every, c.keep_checkpoints, c.async_checkpoint)
+    latest = mngr.latest_step()
+
+    tokenizer_source = resolve_source(c.source or c.tokenizer)
+    from rrt.checkpoints import tokenizer as tokenizer_lib
+
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_source)
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, rrt_dir.META)):
+        tokenizer.save(os.path.join(workdir, "tokenizer"))
+        with open(os.path.join(workdir, rrt_dir.META), "w") as f:
+            json.dump({"format": 1, "model": cfg.to_dict(), "conversion": conversion}, f, indent=2)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(c.to_json(indent=2))
+
+    # Optimizer-state shardings follow the parameters' (XLA propagates them through opt.init).
+    with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)  # noqa: E731
+    init_fn = jax.jit(opt.init)
+    abstract_opt = jax.eval_shape(opt.init, abstract_params)
+    opt_sh = init_fn.lower(with_sh(abstract_params, param_sh)).compile().output_shardings
+
+    if latest is not None:
+        params, opt_state, meta, data_state = ckpt_lib.restore(
+            mngr, latest, with_sh(abstract_params, param_sh), with_sh(abstract_opt, opt_sh)
+        )
+        step = int(meta["step"])
+        _log(f"resumed from step {step} of {workdir}")
+    else:
+        if rec is not None:
+            _, flat, report = convert_lib.convert(base, base_params, rec, progress=jax.process_index() == 0)
+            _log(
+                f"converted {c.source} -> {cfg.n_shared} x {cfg.n_loops} ({rec.strategy}, {rec.init}): "
+                f"{report['params']}"
+            )
+        else:
+            flat = model_lib.flat_params(model_lib.Decoder(cfg, rngs=nnx.Rngs(c.seed)))
+        params = place(rrt_dir.nest({k: np.asarray(v, np.float32) for k, v in flat.items()}), param_sh)
+        opt_state = init_fn(params)
+        step, data_state = 0, None
+
+    teacher_graphdef = teacher_params = None
+    teacher_cfg = None
+    if teacher is not None:
+        teacher_cfg = dataclasses.replace(teacher[0], dtype=c.dtype)
+        teacher_graphdef, t_state = nnx.split(model_lib.abstract(teacher_cfg))
+        t_abstract = nnx.to_pure_dict(t_state)
+        teacher_params = place(
+            rrt_dir.nest({k: np.asarray(v, np.float32) for k, v in teacher[1].items()}),
+            sharding_lib.param_shardings(t_abstract, mesh),
+        )
+
+    from rrt import data as data_lib
+
+    dcfg = data_config(c, workdir)
+    iterator = data_lib.make_iterator(dcfg, tokenizer)
+    if data_state is not None:
+        iterator.set_state(data_state)
+
+    constrain = sharding_lib.shared_gather_constraint(mesh) if c.gather_shared else None
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            opt=opt,
+            n_micro=c.grad_accum,
+            n_loops=cfg.n_loops,
+            graphdef=graphdef,
+            teacher_graphdef=teacher_graphdef,
+            loss_cfg=loss_cfg,
+            constrain=constrain,
+        ),
+        donate_argnums=(0, 1),
+    )
+    # every exit's head is applied (per-loop losses are always computed and logged)
+    flops_per_token = flops_lib.train_flops_per_token(cfg, dcfg.seq_len, cfg.n_loops, teacher_cfg)
+    peak, peak_src = (c.peak_flops, "config") if c.peak_flops else flops_lib.peak_flops_per_device(c.dtype)
+    _log(f"MFU is measured against {peak:.3g} FLOP/s per device ({peak_src})")
+    loop(
+        c,
+        workdir,
+        mesh,
+        mngr,
+        iterator,
+        step_fn,
+        params,
+        opt_state,
+        teacher_params,
+        step,
+        schedules,
+        graphdef,
+        tokenizer,
+        cfg,
+        flops_per_token,
+        peak * jax.device_count(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _Preempted:
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.flag = True
+
+
+def loop(
+    c,
+    workdir,
+    mesh,
+    mngr,
+    iterator,
+    step_fn,
+    params,
+    opt_state,
+    teacher_params,
+    step,
+    schedules,
+    graphdef,
+    tokenizer,
+    cfg,
+    flops_per_token,
+    peak_total,
+):
+    from tqdm import tqdm
+
+    from rrt import data as data_lib
+
+    preempted = _Preempted()
+    logger = Logger(workdir, step)
+    batch_sh = sharding_lib.batch_sharding(mesh)
+    bar = tqdm(total=c.steps, initial=step, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+    last_time, window_tokens = time.perf_counter(), 0.0
+    meta = {"config_fingerprint": cfg.to_dict()}
+    try:
+        while step < c.steps:
+            batch = data_lib.to_global(next(iterator), mesh, batch_sh.spec)
+            new_params, new_opt_state, metrics = step_fn(params, opt_state, teacher_params, batch)
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                mngr.wait_until_finished()
+                raise FloatingPointError(
+                    f"non-finite loss {loss} at step {step + 1}; stopping. The last good checkpoint "
+                    f"(step {mngr.latest_step()}) is kept in {workdir}/checkpoints"
+                )
+            params, opt_state, step = new_params, new_opt_state, step + 1
+            window_tokens += float(metrics["tokens"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if step % c.log_every == 0 or step == c.steps:
+                now = time.perf_counter()
+                tok_s = window_tokens / max(now - last_time, 1e-9)
+                m = {k: v for k, v in metrics.items() if k != "tokens"}
+                m.update(lr=schedules["shared"](step - 1), tokens_per_s=tok_s, mfu=tok_s * flops_per_token / peak_total)
+                if "lora" in schedules:
+                    m["lr_lora"] = schedules["lora"](step - 1)
+                logger.write(step, m)
+                last_time, window_tokens = now, 0.0
+            if c.eval_every and step % c.eval_every == 0 and step < c.steps:
+                logger.write(step, evaluate(c, nnx.merge(graphdef, params), tokenizer))
+            data_state = iterator.get_state()
+            final = step == c.steps or preempted.flag
+            ckpt_lib.save(mngr, step, params, opt_state, {"step": step, **meta}, data_state, force=final)
+            if preempted.flag:
+                mngr.wait_until_finished()
+                _log(f"preempted (SIGTERM): checkpoint saved at step {step}; rerun the same command to resume")
+                return
+        logger.write(step, evaluate(c, nnx.merge(graphdef, params), tokenizer))
+    finally:
+        bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        logger.close()
+        if hasattr(iterator, "close"):
+            iterator.close()
+
+
+def evaluate(c, model: model_lib.Decoder, tokenizer) -> dict[str, float]:
+    """Held-out perplexity (per loop) and optional few-shot tasks, as flat scalar metrics."""
+    from rrt import data as data_lib
+    from rrt import perplexity
+
+    out = {}
+    names = [n for n in c.eval.heldout.split(",") if n]
+    for src in c.data.sources:
+        src = dict(src)
+        stem = os.path.splitext(os.path.basename(src.get("glob", src.get("name", ""))))[0]
+        if stem not in names or src.get("kind") != "files" or not src.get("heldout_fraction"):
+            continue
+        text = data_lib.heldout_text(
+            src["glob"], src["heldout_fraction"], doc_separator=src.get("doc_separator", "blank_line")
+        )
+        ids = tokenizer.encode(text)
+        if c.eval.max_windows:
+            ids = ids[: c.eval.max_windows * c.eval.seq_len]
+        res = perplexity.perplexity(model, ids, c.eval.seq_len, batch_size=8, progress=False)
+        for pl in res["per_loop"]:
+            out[f"eval/{stem}/ppl_loop{pl['loop']}"] = pl["ppl"]
+        out[f"eval/{stem}/ppl"] = res["ppl"]
+    tasks = [t for t in c.eval.tasks.split(",") if t]
+    if tasks:
+        from rrt import fewshot
+
+        out.update(
+            fewshot.evaluate_for_training(model, tokenizer, tasks, c.eval.data_dir, c.eval.shots, c.eval.limit, 8)
+        )
+    return out
+
+
+def run():
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
