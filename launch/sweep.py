@@ -179,27 +179,27 @@ def run_local(commands: list[list[str]], max_parallel: int) -> int:
 
 
 def manifest(args: argparse.Namespace, config: str, points: list[Point], commands: list[list[str]]) -> dict:
+    """manifest.json: the sweep, and per point its index, overrides, name, workdir and standalone command."""
     return {
         "sweep": args.sweep_file,
         "config": config,
         "launcher": args.launcher,
         "base_workdir": args.base_workdir,
         "points": [
-            {
-                "index": p.index,
-                "overrides": p.overrides,
-                "name": p.name,
-                "workdir": p.workdir,
-                "command": shlex.join(cmd),
-            }
-            for p, cmd in zip(points, commands, strict=True)
+            {"index": p.index, "overrides": p.overrides, "name": p.name, "workdir": p.workdir, "command": shlex.join(c)}
+            for p, c in zip(points, commands, strict=True)
         ],
     }
 
 
+def manifest_path(base_workdir: str) -> str:
+    return base_workdir.rstrip("/") + "/manifest.json"
+
+
 def write_manifest(base_workdir: str, content: dict, dry_run: bool) -> None:
+    """Into a local base_workdir, or with `gcloud storage cp` into a bucket."""
+    path = manifest_path(base_workdir)
     text = json.dumps(content, indent=2) + "\n"
-    path = base_workdir.rstrip("/") + "/manifest.json"
     if common.is_remote(path):
         argv = ["gcloud", "storage", "cp", "-", path]
         print(shlex.join(argv), flush=True)
@@ -209,7 +209,7 @@ def write_manifest(base_workdir: str, content: dict, dry_run: bool) -> None:
         os.makedirs(base_workdir, exist_ok=True)
         with open(path, "w") as f:
             f.write(text)
-    print(f"# {'would write' if dry_run else 'wrote'} {path} ({len(content['points'])} points)", file=sys.stderr)
+    print(f"# {'would write' if dry_run else 'wrote'} {path}", file=sys.stderr)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -241,6 +241,52 @@ def launcher_args(launcher: str, rest: list[str], dry_run: bool) -> argparse.Nam
     return args
 
 
+def launch_local(args: argparse.Namespace, config: str, points: list[Point]) -> int:
+    commands = [local_argv(config, p) for p in points]
+    write_manifest(args.base_workdir, manifest(args, config, points, commands), args.dry_run)
+    if args.dry_run:
+        common.run_plan(commands, dry_run=True)
+        return 0
+    failed = run_local(commands, args.max_parallel)
+    print(f"{len(points) - failed}/{len(points)} runs exited cleanly", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def launch_slurm(args: argparse.Namespace, rest: list[str], config: str, points: list[Point]) -> int:
+    largs = launcher_args("slurm", rest, args.dry_run)
+    commands = [
+        ["python", "launch/slurm.py", *rest, "--config", config, "--workdir", p.workdir, "--", *p.args] for p in points
+    ]
+    write_manifest(args.base_workdir, manifest(args, config, points, commands), largs.dry_run)
+    for p in points:
+        slurm.launch(largs, config, p.workdir, p.args)
+    return 0
+
+
+def launch_tpu_pod(args: argparse.Namespace, rest: list[str], config: str, points: list[Point]) -> int:
+    """All points, one after another, in one detached job on the slice; the workers write the manifest."""
+    largs = launcher_args("tpu_pod", rest, args.dry_run)
+    config = common.repo_relative_config(config, common.REPO)
+    if not largs.skip_setup:
+        tpu_pod.check_committed(common.REPO, [config])
+    commands = [
+        ["python", "launch/tpu_pod.py", *rest, "--config", config, "--workdir", p.workdir, "--", *p.args]
+        for p in points
+    ]
+    content = manifest(args, config, points, commands)
+    prelude = []
+    if common.is_remote(args.base_workdir):
+        write_manifest(args.base_workdir, content, args.dry_run)
+    else:  # a path on the workers' (shared) filesystem: they write it, on one line so the command stays on one
+        text, path = json.dumps(content), manifest_path(args.base_workdir)
+        prelude = [shlex.join(["mkdir", "-p", args.base_workdir]), f"echo {shlex.quote(text)} > {shlex.quote(path)}"]
+    runs = [tpu_pod.Run(config, p.workdir, tuple(p.args)) for p in points]
+    target = tpu_pod.Slice(largs.tpu, largs.zone, largs.project)
+    name = tpu_pod.log_name(args.base_workdir)
+    common.run_plan(tpu_pod.plan(target, runs, name, common.REPO, not largs.skip_setup, prelude), args.dry_run)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parse_args(argv)
     try:
@@ -251,40 +297,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         common.check_config(config)
         points = expand(raw_points, args.base_workdir)
         if args.launcher == "local":
-            commands = [local_argv(config, p) for p in points]
-            write_manifest(args.base_workdir, manifest(args, config, points, commands), args.dry_run)
-            if args.dry_run:
-                common.run_plan(commands, dry_run=True)
-                return 0
-            failed = run_local(commands, args.max_parallel)
-            print(f"{len(points) - failed}/{len(points)} runs exited cleanly", file=sys.stderr)
-            return 1 if failed else 0
-        largs = launcher_args(args.launcher, rest, args.dry_run)
+            return launch_local(args, config, points)
         if args.launcher == "slurm":
-            commands = [
-                ["python", "launch/slurm.py", *rest, "--config", config, "--workdir", p.workdir, "--", *p.args]
-                for p in points
-            ]
-            write_manifest(args.base_workdir, manifest(args, config, points, commands), largs.dry_run)
-            for p in points:
-                slurm.launch(largs, config, p.workdir, p.args)
-            return 0
-        target = tpu_pod.Slice(largs.tpu, largs.zone, largs.project)
-        config = common.repo_relative_config(config, common.REPO)
-        runs = [tpu_pod.Run(config, p.workdir, tuple(p.args)) for p in points]
-        commands = [
-            ["python", "launch/tpu_pod.py", *rest, "--config", config, "--workdir", p.workdir, "--", *p.args]
-            for p in points
-        ]
-        if not largs.skip_setup:
-            tpu_pod.check_committed(common.REPO, [config])
-        write_manifest(args.base_workdir, manifest(args, config, points, commands), args.dry_run)
-        name = tpu_pod.log_name(args.base_workdir)
-        common.run_plan(tpu_pod.plan(target, runs, name, common.REPO, setup=not largs.skip_setup), args.dry_run)
+            return launch_slurm(args, rest, config, points)
+        return launch_tpu_pod(args, rest, config, points)
     except (common.LaunchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

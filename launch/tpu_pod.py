@@ -92,8 +92,8 @@ def setup_script(jax_pin: str) -> str:
     return " && ".join(steps)
 
 
-def run_script(runs: Sequence[Run], name: str) -> str:
-    """Worker shell: start the runs, one after another, detached from ssh, logging to a file per worker."""
+def run_script(runs: Sequence[Run], name: str, prelude: Sequence[str] = ()) -> str:
+    """Worker shell: run `prelude`, then start the runs, one after another, detached from ssh, logging to a file."""
     if not runs:
         raise common.LaunchError("no runs to launch")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
@@ -111,6 +111,7 @@ def run_script(runs: Sequence[Run], name: str) -> str:
             f'if [ -f "{PIDFILE}" ] && {ALIVE}; then '
             f'echo "$(hostname): a run is still going (pid $(cat "{PIDFILE}")); stop it first with --stop" >&2; '
             "exit 1; fi",
+            *prelude,
             # setsid: the run leads its own process group, so --stop signals all of it; nohup: ssh may disconnect.
             f'nohup setsid bash -c {shlex.quote("; ".join(body))} >> {log} 2>&1 < /dev/null & echo $! > "{PIDFILE}"',
             f'echo "$(hostname): started pid $!, log "{log}',
@@ -136,7 +137,9 @@ def stop_script() -> str:
     )
 
 
-def plan(target: Slice, runs: Sequence[Run], name: str, repo: Path = common.REPO, setup: bool = True) -> list:
+def plan(
+    target: Slice, runs: Sequence[Run], name: str, repo: Path, setup: bool = True, prelude: Sequence[str] = ()
+) -> list[list[str]]:
     """The commands that ship the code, set up the workers and start `runs` there (in order), logging to `name`."""
     commands = []
     if setup:
@@ -147,7 +150,7 @@ def plan(target: Slice, runs: Sequence[Run], name: str, repo: Path = common.REPO
             target.gcloud("scp", tarball, f"{target.tpu}:{REMOTE_TARBALL}"),
             target.gcloud("ssh", target.tpu, "--command", setup_script(jax_version(repo / "requirements.txt"))),
         ]
-    commands.append(target.gcloud("ssh", target.tpu, "--command", run_script(runs, name)))
+    commands.append(target.gcloud("ssh", target.tpu, "--command", run_script(runs, name, prelude)))
     return commands
 
 

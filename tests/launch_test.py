@@ -30,8 +30,9 @@ FAKE_PYTHON = f"#!{sys.executable}\n" + textwrap.dedent(
     import json, os, sys, time
     workdir = sys.argv[sys.argv.index("--workdir") + 1]
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "argv.json"), "w") as f:
+    with open(os.path.join(workdir, "argv.tmp"), "w") as f:
         json.dump({"argv": sys.argv[1:], "cwd": os.getcwd()}, f)
+    os.replace(os.path.join(workdir, "argv.tmp"), os.path.join(workdir, "argv.json"))  # readers never see half
     print("fake training in", workdir, flush=True)
     time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
     sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
@@ -330,8 +331,7 @@ def test_slurm_script_runs_training_and_requeues_near_the_time_limit(tmp_path):
     script.write_text(slurm.render(train_argv=[str(task)], **common_fields))
     job = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, text=True)
     wait_for(lambda: (tmp_path / "task.pid").exists())
-    time.sleep(0.2)  # let the shell reach `wait`
-    job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 does
+    job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 does (inside `wait` or not, the trap handles it)
     out, _ = job.communicate(timeout=10)
     assert job.returncode == 0 and "checkpointed" in out
     assert rec.read_text().splitlines()[1:] == ["scancel --signal=TERM 42", "scontrol requeue 42"]
@@ -381,14 +381,29 @@ def test_sweep_local_runs_every_point_and_writes_the_manifest(git_repo, tmp_path
     assert record["argv"][-4:] == ["--workdir", point["workdir"], "--config.optim.lr=0.2", "--config.name=a b"]
 
 
-def test_sweep_on_a_tpu_pod_chains_the_points_in_one_detached_job(git_repo, capsys):
-    argv = [write_sweep(git_repo), "--base_workdir", "/mnt/s1", "--launcher", "tpu_pod", "--dry-run"]
+def test_sweep_on_a_tpu_pod_chains_the_points_in_one_detached_job(git_repo, tmp_path, capsys):
+    """The dry-run's one command, whose worker script, run here, writes the manifest and runs every point."""
+    base = str(tmp_path / "s1")
+    argv = [write_sweep(git_repo), "--base_workdir", base, "--launcher", "tpu_pod", "--dry-run"]
     assert sweep.main([*argv, "--", "--tpu", "t", "--zone", "z", "--skip_setup"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    runs = [tpu_pod.Run("configs/x.py", f"/mnt/s1/lr={lr},name=a-b", (f"--config.optim.lr={lr}", "--config.name=a b"))
-            for lr in (0.1, 0.2)]  # fmt: skip
-    gcloud = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "t"]
-    assert lines == [shlex.join([*gcloud, "--command", tpu_pod.run_script(runs, "s1"), "--zone=z", "--worker=all"])]
+    (line,) = capsys.readouterr().out.splitlines()
+    gcloud = shlex.split(line)
+    assert gcloud[:7] + gcloud[8:] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "t", "--command", "--zone=z",
+                                       "--worker=all"]  # fmt: skip
+    assert not Path(base).exists()
+    home = tmp_path / "home"
+    write_exe(home / "rrt" / ".venv" / "bin" / "python", FAKE_PYTHON)
+    subprocess.run(["bash", "-c", gcloud[7]], env={**os.environ, "HOME": str(home)}, check=True, capture_output=True)
+    wait_for(lambda: Path(base, "lr=0.2,name=a-b", "argv.json").exists())
+    points = json.loads(Path(base, "manifest.json").read_text())["points"]
+    assert [p["workdir"] for p in points] == [f"{base}/lr=0.1,name=a-b", f"{base}/lr=0.2,name=a-b"]
+    assert shlex.split(points[1]["command"]) == ["python", "launch/tpu_pod.py", "--tpu", "t", "--zone", "z",
+                                                 "--skip_setup", "--config", "configs/x.py", "--workdir",
+                                                 points[1]["workdir"], "--", "--config.optim.lr=0.2",
+                                                 "--config.name=a b"]  # fmt: skip
+    for p in points:
+        record = json.loads(Path(p["workdir"], "argv.json").read_text())["argv"]
+        assert record[-4:] == ["--workdir", p["workdir"], *sweep.override_args(p["overrides"])]
     with pytest.raises(SystemExit):  # the slice flags are required
         sweep.main(argv)
 
