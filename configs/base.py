@@ -8,6 +8,8 @@ corpora; see configs/smollm2_demo.py for the runnable demo with its cost.
 
 from ml_collections import config_dict
 
+from configs import archs
+
 SHARED_DATA = "../shared/data"
 
 
@@ -26,6 +28,7 @@ def get_config() -> config_dict.ConfigDict:
     c.model.head_dim = 64
     c.model.d_ff = 1536
     c.model.rope_theta = 100000.0
+    c.arch = archs.SMOLLM2_135M  # the source's published config.json (shape checks only; the checkpoint's wins)
     c.tokenizer = ""  # scratch only: where the tokenizer comes from (HF dir | .gguf | rrt dir | "smollm2")
     c.recursion = config_dict.ConfigDict()
     c.recursion.loops = 2  # B: the K = L / B shared layers loop B times (1: no recursion)
@@ -52,6 +55,7 @@ def get_config() -> config_dict.ConfigDict:
             doc_separator="blank_line",
         ),
     ]
+    c.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir for tfds sources that name none
     c.data.seq_len = 256  # T: tokens per packed row
     c.data.global_batch_size = 8  # rows per step over all hosts
     c.data.seed = 0  # shuffling seed
@@ -82,7 +86,8 @@ def get_config() -> config_dict.ConfigDict:
     c.mesh = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
     c.gather_shared = True  # all-gather the FSDP-sharded shared block once per step, not once per loop
     c.distributed = config_dict.ConfigDict()
-    c.distributed.coordinator_address = ""  # "" : auto-detect (TPU pod, SLURM) or single process
+    c.distributed.initialize = "auto"  # auto (SLURM, TPU pods by environment) | always (launch/tpu_pod.py) | never
+    c.distributed.coordinator_address = ""  # explicit coordinator host:port (with num_processes, process_id)
     c.distributed.num_processes = 1  # with coordinator_address
     c.distributed.process_id = 0  # with coordinator_address
     # --- Checkpoints, logging, evaluation ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from configs import base
 def get_config():
     c = base.get_config()
     c.source = ""  # from scratch
+    c.arch = None
     c.tokenizer = "smollm2"
     c.model.d_model = 64
     c.model.n_layers = 4

@@ -103,6 +103,8 @@ def run_script(runs: Sequence[Run], name: str, prelude: Sequence[str] = ()) -> s
     for i, run in enumerate(runs):
         if len(runs) > 1:
             body.append(shlex.join(["echo", f"=== run {i + 1}/{len(runs)}: {run.workdir}"]))
+        # TPU VMs reached over ssh expose no variable that says "multi-host": tell rrt.train to initialize.
+        body.append("export RRT_DISTRIBUTED_INIT=always")
         body.append(shlex.join(common.train_argv(".venv/bin/python", run.config, run.workdir, run.overrides)))
     return "; ".join(
         [

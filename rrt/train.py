@@ -137,15 +137,19 @@ def recursion_from_config(c: config_dict.ConfigDict, base: model_lib.ModelConfig
     )
 
 
-def data_config(c: config_dict.ConfigDict, workdir: str, split: str = "train"):
+def data_config(c: config_dict.ConfigDict, workdir: str):
     from rrt import data
 
-    sources = tuple(
-        data.SourceConfig(**dict(s), split=split) if split != "train" else data.SourceConfig(**dict(s))
-        for s in c.data.sources
-    )
+    sources = []
+    for s in c.data.sources:
+        s = dict(s)
+        if s.get("kind") == "tfds" and not s.get("data_dir"):
+            if not c.data.data_dir:
+                raise ValueError(f"data source {s.get('name')!r} is a TFDS dataset: set --config.data.data_dir")
+            s["data_dir"] = c.data.data_dir
+        sources.append(data.SourceConfig(**s))
     return data.DataConfig(
-        sources=sources,
+        sources=tuple(sources),
         seq_len=c.data.seq_len,
         global_batch_size=c.data.global_batch_size,
         seed=c.data.seed,
@@ -155,14 +159,20 @@ def data_config(c: config_dict.ConfigDict, workdir: str, split: str = "train"):
 
 
 def init_distributed(c: config_dict.ConfigDict) -> None:
+    """jax.distributed from the config, or auto-detected: SLURM with >1 task, a GKE TPU pod, a multi-host TPU VM."""
     d = c.distributed
+    mode = os.environ.get("RRT_DISTRIBUTED_INIT", d.initialize)  # launch/tpu_pod.py sets "always"
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"distributed.initialize must be auto, always or never, got {mode!r}")
     if d.coordinator_address:
         jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
-    elif (
-        any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    ):
-        jax.distributed.initialize()  # reads the TPU metadata server or SLURM_* variables
+        return
+    env = os.environ
+    detected = (
+        int(env.get("SLURM_NTASKS", "1")) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env or "TPU_WORKER_HOSTNAMES" in env
+    )
+    if mode == "always" or (mode == "auto" and detected):
+        jax.distributed.initialize()  # reads SLURM_* variables or the TPU metadata server
 
 
 def place(tree: dict, shardings: dict) -> dict:
@@ -172,8 +182,27 @@ def place(tree: dict, shardings: dict) -> dict:
     )
 
 
+def model_config(c: config_dict.ConfigDict, base: model_lib.ModelConfig | None):
+    """(model to train, its Recursion or None) from the config and the source's config (None: from scratch)."""
+    if base is not None:
+        rec = recursion_from_config(c.recursion, base)
+        cfg = convert_lib.recursive_config(base, rec)
+    else:
+        r = c.recursion
+        cfg = model_lib.ModelConfig(
+            **dict(c.model),
+            n_loops=r.loops,
+            strategy=r.strategy,
+            rank_attn=max(r.rank_attn, 0),
+            rank_mlp=max(r.rank_mlp, 0),
+            lora_alpha=r.alpha,
+        )
+        rec = None
+    return dataclasses.replace(cfg, dtype=c.dtype, remat=c.remat), rec
+
+
 def build_model(c, workdir: str):
-    """(model config, host params or None when resuming, tokenizer source, teacher (cfg, params) or None)."""
+    """(model config, source config, source params, recursion, conversion record, teacher (cfg, params) or None)."""
     meta_path = os.path.join(workdir, rrt_dir.META)
     source = resolve_source(c.source)
     base = base_params = None
@@ -181,20 +210,7 @@ def build_model(c, workdir: str):
         from rrt import checkpoints
 
         base, base_params = checkpoints.load(source)
-    if source:
-        rec = recursion_from_config(c.recursion, base)
-        cfg = convert_lib.recursive_config(base, rec)
-    else:
-        cfg = model_lib.ModelConfig(
-            **dict(c.model),
-            n_loops=c.recursion.loops,
-            strategy=c.recursion.strategy,
-            rank_attn=max(c.recursion.rank_attn, 0),
-            rank_mlp=max(c.recursion.rank_mlp, 0),
-            lora_alpha=c.recursion.alpha,
-        )
-        rec = None
-    cfg = dataclasses.replace(cfg, dtype=c.dtype, remat=c.remat)
+    cfg, rec = model_config(c, base)
     conversion = {
         "source": os.path.abspath(source) if source else "",
         "recursion": dataclasses.asdict(rec) if rec else None,
@@ -207,9 +223,9 @@ def build_model(c, workdir: str):
             raise ValueError(
                 f"{workdir} holds a run of a different model or conversion ({meta_path}); use a new --workdir"
             )
+    if c.loss.kd_weight > 0 and base is None:
+        raise ValueError("loss.kd_weight > 0 needs a source model to distil from (config.source is empty)")
     teacher = (base, base_params) if c.loss.kd_weight > 0 else None
-    if teacher is None and c.loss.kd_weight > 0:
-        raise ValueError("loss.kd_weight > 0 needs a source model to distil from")
     return cfg, base, base_params, rec, conversion, teacher
 
 

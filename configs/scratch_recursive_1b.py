@@ -1,0 +1,32 @@
+"""Pretraining a recursive Llama-style model from scratch (no source checkpoint): ~1B parameters,
+24 layers of width 2048 computed as 12 shared layers x 2 loops (so ~0.6B unique parameters), random init.
+
+    python launch/tpu_pod.py --tpu my-v5e-256 --zone us-west4-a --config configs/scratch_recursive_1b.py \
+        --workdir gs://bucket/rrt/scratch1b -- --config.tokenizer=/path/to/hf_tokenizer_dir --config.data.data_dir=gs://...
+
+Cost: 20B tokens at ~1.1e10 training FLOPs per token ~ 2.2e20 FLOPs: ~16 hours on a v5e-256 at 40% MFU.
+"""
+
+from ml_collections import config_dict
+
+from configs import recursive_gemma_1b
+
+
+def get_config():
+    c = recursive_gemma_1b.get_config()
+    c.source = ""  # from scratch
+    c.arch = None
+    c.tokenizer = config_dict.placeholder(str)  # a tokenizer source (HF dir with tokenizer.json, .gguf, rrt dir)
+    c.model.vocab_size = 32000
+    c.model.d_model = 2048
+    c.model.n_layers = 24
+    c.model.n_heads = 16
+    c.model.n_kv_heads = 4
+    c.model.head_dim = 128
+    c.model.d_ff = 5632
+    c.model.rope_theta = 10000.0
+    c.recursion.init = "random"
+    c.steps = 9540  # 20B tokens of 1024 x 2048
+    c.optim.lr = 3e-4
+    c.optim.warmup_steps = 1000
+    return c

@@ -1,0 +1,86 @@
+"""Every config parses, builds its model with jax.eval_shape (no memory), and has the parameter count it claims."""
+
+import glob
+import importlib
+import os
+
+import pytest
+
+from rrt import model as model_lib
+from rrt import train
+from rrt.checkpoints import hf
+
+CONFIGS = sorted(
+    os.path.splitext(os.path.basename(p))[0]
+    for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
+    if not p.endswith(("__init__.py", "archs.py"))
+)
+
+
+def build(name):
+    c = importlib.import_module(f"configs.{name}").get_config()
+    base = hf.config_from_hf(dict(c.arch)) if c.arch else None
+    cfg, rec = train.model_config(c, base)
+    return c, base, cfg
+
+
+def test_all_configs_found():
+    assert {
+        "base",
+        "tiny",
+        "smollm2_demo",
+        "recursive_gemma_1b",
+        "recursive_gemma_1b_relaxed",
+        "recursive_tinyllama_1b",
+        "recursive_pythia_1b",
+        "scratch_recursive_1b",
+    } <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_builds(name):
+    c, base, cfg = build(name)
+    assert model_lib.abstract(cfg) is not None  # eval_shape: the whole model, no memory
+    counts = model_lib.count_params(cfg)
+    assert counts["total"] > 0
+    assert c.data.global_batch_size % c.grad_accum == 0
+    assert c.recursion.loops == cfg.n_loops and cfg.n_layers % cfg.n_loops == 0
+    module = importlib.import_module(f"configs.{name}")
+    assert module.__doc__ and ("python " in module.__doc__ or "bash " in module.__doc__), "docstring needs its command"
+
+
+def non_embedding(cfg):
+    counts = model_lib.count_params(cfg)
+    return counts["total"] - counts["embedding"]
+
+
+def test_recursive_gemma_1b_halves_gemma_2b():
+    _, base, cfg = build("recursive_gemma_1b")
+    assert (cfg.n_shared, cfg.n_loops, cfg.strategy) == (9, 2, "cycle")
+    ratio = non_embedding(cfg) / non_embedding(base)
+    assert 0.49 < ratio < 0.51, ratio
+    total = model_lib.count_params(cfg)["total"]
+    assert 1.45e9 < total < 1.55e9  # "Recursive Gemma 1B": 0.99B non-embedding + 0.52B embedding
+
+
+def test_relaxed_gemma_adds_rank_512_lora():
+    _, base, cfg = build("recursive_gemma_1b_relaxed")
+    counts = model_lib.count_params(cfg)
+    # rank 512 on q, k, v, o, gate, up, down of 18 positions (k, v: min(d_in, d_out) = 256 caps them)
+    d, f, r = 2048, 16384, 512
+    per_pos = r * (d + d) * 2 + 256 * (d + 256) * 2 + r * (d + f) * 3
+    assert counts["lora"] == 18 * per_pos
+    assert cfg.per_position_norms and counts["position_vectors"] == 18 * 2 * d
+
+
+@pytest.mark.parametrize("name, loops, shared", [("recursive_tinyllama_1b", 2, 11), ("recursive_pythia_1b", 2, 8)])
+def test_paper_presets_halve_their_sources(name, loops, shared):
+    _, base, cfg = build(name)
+    assert (cfg.n_loops, cfg.n_shared) == (loops, shared)
+    assert abs(non_embedding(cfg) / non_embedding(base) - 0.5) < 0.01
+
+
+def test_scratch_1b_size():
+    _, _, cfg = build("scratch_recursive_1b")
+    assert cfg.n_loops == 2 and cfg.n_shared == 12
+    assert 0.5e9 < model_lib.count_params(cfg)["total"] < 0.8e9  # unique parameters of a ~1B-compute model
