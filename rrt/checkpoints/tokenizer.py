@@ -1,0 +1,187 @@
+"""Tokenizers from Hugging Face directories, sentencepiece models and GGUF vocabularies, behind one small class.
+
+`encode` never adds special tokens: whether a document gets BOS / EOS is the caller's decision, made from the
+`add_bos` / `add_eos` flags this tokenizer's own configuration states. A GGUF holds no tokenizer.json, so its
+byte-level BPE is rebuilt from `tokenizer.ggml.tokens` / `merges` with the pre-tokenizer llama.cpp names in
+`tokenizer.ggml.pre` (SmolLM2's `smollm`: single digits split off, then GPT-2's byte-level regex), as in the original
+tokenizer.json. `save(dir)` writes tokenizer.json (or tokenizer.model) plus `rrt_tokenizer.json` with the ids and
+flags, so a saved tokenizer reloads identically whatever its origin.
+"""
+
+import functools
+import hashlib
+import json
+import os
+
+import sentencepiece
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+META = "rrt_tokenizer.json"
+HF_JSON = "tokenizer.json"
+SP_MODEL = "tokenizer.model"
+GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
+# tokenizer.ggml.pre -> the pre-tokenizer its merges were learned with.
+GGUF_PRE = {
+    "smollm": lambda: pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    ),
+    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
+}
+
+
+class Tokenizer:
+    """Text <-> ids over a `tokenizers.Tokenizer` or a `sentencepiece.SentencePieceProcessor`."""
+
+    def __init__(self, backend, bos_id: int | None, eos_id: int | None, add_bos: bool, add_eos: bool):
+        self.backend = backend
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.add_bos, self.add_eos = bool(add_bos), bool(add_eos)
+        self._sp = isinstance(backend, sentencepiece.SentencePieceProcessor)
+        self.vocab_size = backend.get_piece_size() if self._sp else backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`, without special tokens."""
+        return self.backend.encode(text) if self._sp else self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Ids of many texts at once (the backends' parallel batch paths)."""
+        if self._sp:
+            return self.backend.encode(list(texts))
+        return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if self._sp:
+            return self.backend.decode(ids)
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        if self._sp:
+            i = self.backend.piece_to_id(token)
+            return None if i == self.backend.unk_id() and token != self.backend.id_to_piece(i) else i
+        return self.backend.token_to_id(token)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A hash of the vocabulary, rules and flags: equal fingerprints tokenize identically."""
+        blob = self.backend.serialized_model_proto() if self._sp else self.backend.to_str().encode()
+        meta = json.dumps([self.bos_id, self.eos_id, self.add_bos, self.add_eos]).encode()
+        return hashlib.sha256(blob + meta).hexdigest()[:16]
+
+    def save(self, path: str) -> None:
+        """Writes the tokenizer so that `load_tokenizer(path)` reads it back identically."""
+        os.makedirs(path, exist_ok=True)
+        if self._sp:
+            with open(os.path.join(path, SP_MODEL), "wb") as f:
+                f.write(self.backend.serialized_model_proto())
+        else:
+            self.backend.save(os.path.join(path, HF_JSON))
+        meta = {"bos_id": self.bos_id, "eos_id": self.eos_id, "add_bos": self.add_bos, "add_eos": self.add_eos}
+        with open(os.path.join(path, META), "w") as f:
+            json.dump(meta, f, indent=2)
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _token_text(token) -> str | None:
+    """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def from_hf_dir(path: str) -> Tokenizer:
+    """tokenizer.json (preferred) or tokenizer.model, with ids and flags from the directory's config files."""
+    meta = _read_json(os.path.join(path, META))
+    if os.path.isfile(os.path.join(path, HF_JSON)):
+        backend = tokenizers.Tokenizer.from_file(os.path.join(path, HF_JSON))
+    elif os.path.isfile(os.path.join(path, SP_MODEL)):
+        backend = sentencepiece.SentencePieceProcessor(model_file=os.path.join(path, SP_MODEL))
+    else:
+        raise FileNotFoundError(f"{path}: no {HF_JSON} or {SP_MODEL}")
+    if meta:  # written by Tokenizer.save: authoritative
+        return Tokenizer(backend, meta["bos_id"], meta["eos_id"], meta["add_bos"], meta["add_eos"])
+
+    tok = Tokenizer(backend, None, None, False, False)
+    config = _read_json(os.path.join(path, "tokenizer_config.json"))
+    special = _read_json(os.path.join(path, "special_tokens_map.json"))
+    model_config = _read_json(os.path.join(path, "config.json"))
+
+    def special_id(kind):
+        text = _token_text(config.get(f"{kind}_token") or special.get(f"{kind}_token"))
+        i = tok.token_to_id(text) if text else None
+        if i is None and isinstance(model_config.get(f"{kind}_token_id"), int):
+            i = model_config[f"{kind}_token_id"]
+        if i is None and isinstance(backend, sentencepiece.SentencePieceProcessor):
+            i = {"bos": backend.bos_id(), "eos": backend.eos_id()}[kind]
+        return i if i is None or i >= 0 else None
+
+    tok.bos_id, tok.eos_id = special_id("bos"), special_id("eos")
+    if isinstance(backend, sentencepiece.SentencePieceProcessor):
+        inferred_bos, inferred_eos = True, False  # the Llama sentencepiece convention
+    else:  # what the tokenizer.json post-processor adds around a text
+        plain, full = backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids
+        inferred_bos = len(full) > len(plain) and full[0] == tok.bos_id
+        inferred_eos = len(full) > len(plain) and full[-1] == tok.eos_id
+    tok.add_bos = bool(config.get("add_bos_token", inferred_bos))
+    tok.add_eos = bool(config.get("add_eos_token", inferred_eos))
+    return tok
+
+
+def from_gguf(path: str) -> Tokenizer:
+    """The byte-level BPE described by a GGUF file's tokenizer.ggml.* metadata."""
+    from rrt.checkpoints import gguf as gguf_reader
+
+    r = gguf_reader.reader(path)
+
+    def get(key, default=None):
+        return gguf_reader.field(r, f"tokenizer.ggml.{key}", default)
+
+    kind, pre = get("model"), get("pre", "default")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
+    if pre not in GGUF_PRE:
+        raise ValueError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported; expected one of {list(GGUF_PRE)}")
+    tokens = get("tokens")
+    types = get("token_type") or [1] * len(tokens)  # 1: normal
+    merges = [tuple(m.split(" ")) for m in get("merges")]
+    backend = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    backend.pre_tokenizer = GGUF_PRE[pre]()
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(
+        [
+            tokenizers.AddedToken(t, special=True, normalized=False)
+            for t, k in zip(tokens, types, strict=True)
+            if k == GGUF_CONTROL
+        ]
+    )
+    backend.add_tokens(
+        [
+            tokenizers.AddedToken(t, normalized=False)
+            for t, k in zip(tokens, types, strict=True)
+            if k == GGUF_USER_DEFINED
+        ]
+    )
+    bos, eos = get("bos_token_id"), get("eos_token_id")
+    return Tokenizer(
+        backend,
+        None if bos is None else int(bos),
+        None if eos is None else int(eos),
+        add_bos=get("add_bos_token", False),
+        add_eos=get("add_eos_token", False),
+    )
+
+
+def load_tokenizer(source: str) -> Tokenizer:
+    """A tokenizer from a .gguf file, a Hugging Face directory, or an rrt checkpoint (its `tokenizer/` subdir)."""
+    if os.path.isfile(source) and source.endswith(".gguf"):
+        return from_gguf(source)
+    if os.path.isdir(os.path.join(source, "tokenizer")):
+        return from_hf_dir(os.path.join(source, "tokenizer"))
+    if os.path.isdir(source):
+        return from_hf_dir(source)
+    raise FileNotFoundError(f"{source}: not a .gguf file, a Hugging Face directory or an rrt checkpoint directory")
