@@ -1,0 +1,164 @@
+"""`python -m rrt.demo`: the main job in miniature, on the embedded defaults (SmolLM2-135M and ../shared/data).
+
+1. evaluates the original 30-layer SmolLM2-135M (held-out perplexity of TinyStories and Shakespeare tails, a few
+   few-shot tasks);
+2. converts it into a relaxed recursive 15 x 2 model (configs/smollm2_demo.py: Average init, rank-64 SVD LoRA) and
+   evaluates that, after each loop;
+3. uptrains it with `python -m rrt.train --config configs/smollm2_demo.py` (rerunning resumes) and evaluates it;
+4. prints a comparison table and saves plots (loss curves; per-loop perplexity) and results.json in --out.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+CONFIG = "configs/smollm2_demo.py"
+TASKS = "hellaswag,arc_easy,piqa"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="rrt.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/demo", help="output directory (training workdir is <out>/train)")
+    p.add_argument("--steps", type=int, default=None, help="override the config's training steps")
+    p.add_argument("--tasks", default=TASKS)
+    p.add_argument("--limit", type=int, default=100, help="items per few-shot task")
+    p.add_argument("--windows", type=int, default=16, help="perplexity windows of 256 tokens per held-out set")
+    return p.parse_args(argv)
+
+
+def evaluate(name, model, tokenizer, heldout: dict[str, str], args) -> dict:
+    from rrt import fewshot, perplexity, scoring
+
+    t0 = time.time()
+    scorer = scoring.make_scorer(model)
+    res = {"perplexity": {}, "tasks": {}}
+    for corpus, text in heldout.items():
+        ids = tokenizer.encode(text)[: args.windows * 256]
+        res["perplexity"][corpus] = perplexity.perplexity(model, ids, 256, batch_size=4, progress=False, scorer=scorer)
+    tasks = [t for t in args.tasks.split(",") if t]
+    if tasks:
+        res["tasks"] = fewshot.evaluate_tasks(
+            model,
+            tokenizer,
+            tasks,
+            data_dir="../shared/data",
+            limit=args.limit,
+            batch_size=8,
+            progress=True,
+            scorer=scorer,
+        )
+    print(f"[demo] evaluated {name} in {time.time() - t0:.0f}s", flush=True)
+    return res
+
+
+def table(results: dict) -> str:
+    corpora = list(next(iter(results.values()))["perplexity"])
+    tasks = list(next(iter(results.values()))["tasks"])
+    head = ["model", "loop"] + [f"ppl {c}" for c in corpora] + [f"{t} acc_norm" for t in tasks]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, res in results.items():
+        n_loops = len(res["perplexity"][corpora[0]]["per_loop"])
+        for r in range(n_loops):
+            cells = [name if r == n_loops - 1 else "", f"{r + 1}/{n_loops}"]
+            cells += [f"{res['perplexity'][c]['per_loop'][r]['ppl']:.2f}" for c in corpora]
+            for t in tasks:
+                per_loop = res["tasks"][t].get("per_loop")
+                m = per_loop[r] if per_loop else res["tasks"][t]
+                val = m.get("acc_norm", m.get("acc"))
+                cells.append(f"{100 * val:.1f}" if val is not None else "-")
+            rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot(results: dict, metrics_path: str, out: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    records = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    records = [r for r in records if "loss" in r]
+    for key in sorted(k for k in records[0] if k.startswith("loss/loop")):
+        ax1.plot([r["step"] for r in records], [r[key] for r in records], label=key.replace("loss/", "exit after "))
+    ax1.set(xlabel="step", ylabel="cross-entropy", title="uptraining loss per exit loop")
+    ax1.legend()
+    corpora = list(next(iter(results.values()))["perplexity"])
+    width = 0.8 / len(results)
+    for i, (name, res) in enumerate(results.items()):
+        for j, corpus in enumerate(corpora):
+            per_loop = res["perplexity"][corpus]["per_loop"]
+            xs = [j * (len(per_loop) + 1) + r + i * width for r in range(len(per_loop))]
+            ax2.bar(xs, [p["ppl"] for p in per_loop], width, label=name if j == 0 else None, color=f"C{i}")
+    ax2.set_yscale("log")
+    ax2.set(ylabel="held-out perplexity (log)", title="perplexity after each loop: " + ", ".join(corpora))
+    ax2.set_xticks(
+        [j * 3 + r + 0.4 for j in range(len(corpora)) for r in range(2)],
+        [f"{c[:6]} L{r + 1}" for c in corpora for r in range(2)],
+    )
+    ax2.legend()
+    fig.tight_layout()
+    path = os.path.join(out, "demo.png")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    from configs import smollm2_demo
+    from rrt import checkpoints, convert, data, sources, train
+    from rrt import model as model_lib
+    from rrt.checkpoints import gguf
+    from rrt.checkpoints import tokenizer as tokenizer_lib
+
+    c = smollm2_demo.get_config()
+    src = gguf.smollm2_gguf_path()
+    tokenizer = tokenizer_lib.load_tokenizer(src)
+    heldout = {}
+    for s in c.data.sources:
+        name = os.path.splitext(os.path.basename(s["glob"]))[0]
+        heldout[name] = data.heldout_text(
+            s["glob"], s["heldout_fraction"], doc_separator=s.get("doc_separator", "blank_line")
+        )
+
+    results = {}
+    base_cfg, base_params = checkpoints.load(src)
+    results["original (30 layers)"] = evaluate(
+        "the original", model_lib.from_params(base_cfg, base_params), tokenizer, heldout, args
+    )
+    rec = train.recursion_from_config(c.recursion, base_cfg)
+    cfg, params, report = convert.convert(base_cfg, base_params, rec)
+    print(f"[demo] converted: {report['params']}", flush=True)
+    results["converted 15x2 r64"] = evaluate(
+        "the converted model", model_lib.from_params(cfg, params), tokenizer, heldout, args
+    )
+    del base_params, params
+
+    workdir = os.path.join(args.out, "train")
+    cmd = [sys.executable, "-m", "rrt.train", "--config", CONFIG, "--workdir", workdir]
+    if args.steps:
+        cmd.append(f"--config.steps={args.steps}")
+    print("[demo] " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    results["uptrained 15x2 r64"] = evaluate(
+        "the uptrained model", sources.load_model(workdir), tokenizer, heldout, args
+    )
+
+    md = table(results)
+    print("\n" + md)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=float)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md + "\n")
+    print(f"\nplot: {plot(results, os.path.join(workdir, 'metrics.jsonl'), args.out)}")
+    print(f"results: {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'results.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
