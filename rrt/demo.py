@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 
-
 CONFIG = "configs/smollm2_demo.py"
 TASKS = "hellaswag,arc_easy,piqa"
 
