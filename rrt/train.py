@@ -39,6 +39,8 @@ class LossConfig:
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
     exit_weight: float = 0.0
+    log_all_loops: bool = True  # also compute (not train) intermediate loops' losses when exit_weight is 0
+    remat_head: bool = False  # recompute each exit's [B, T, V] logits in the backward instead of keeping them
 
     def __post_init__(self):
         if not 0 <= self.kd_weight <= 1:
@@ -65,7 +67,6 @@ def loss_fn(params, teacher_params, mb, *, graphdef, teacher_graphdef, loss_cfg:
     weights = losses.loop_weights(model.cfg.n_loops, loss_cfg.exit_weight)
     total, ce, kl = 0.0, [], []
 
-    @functools.partial(jax.checkpoint, prevent_cse=False)  # never keep R [B, T, V] logits alive for the backward
     def loop_loss(h_BxTxD):
         logits = model.logits(h_BxTxD)
         c = losses.cross_entropy(logits, mb["targets"], mask)
@@ -76,7 +77,13 @@ def loss_fn(params, teacher_params, mb, *, graphdef, teacher_graphdef, loss_cfg:
         )
         return c, k
 
+    if loss_cfg.remat_head:
+        loop_loss = jax.checkpoint(loop_loss, prevent_cse=False)
     for r, w in enumerate(weights):
+        if w == 0 and not loss_cfg.log_all_loops:  # skip the head entirely; logged as 0
+            ce.append(jnp.zeros(()))
+            kl.append(jnp.zeros(()))
+            continue
         h = hiddens_RxBxTxD[r] if w > 0 else jax.lax.stop_gradient(hiddens_RxBxTxD[r])
         c, k = loop_loss(h)
         total = total + w * ((1 - loss_cfg.kd_weight) * c + loss_cfg.kd_weight * k)
@@ -277,7 +284,9 @@ def main(argv) -> None:
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding_lib.make_mesh(tuple(c.mesh))
     cfg, base, base_params, rec, conversion, teacher = build_model(c, workdir)
-    loss_cfg = LossConfig(c.loss.kd_weight, c.loss.kd_temperature, c.loss.exit_weight)
+    loss_cfg = LossConfig(
+        c.loss.kd_weight, c.loss.kd_temperature, c.loss.exit_weight, c.loss.log_all_loops, c.remat != "none"
+    )
     opt_cfg = optim_lib.OptimConfig(**{k: v for k, v in c.optim.items()}, total_steps=c.steps)
     if c.data.global_batch_size % c.grad_accum:
         raise ValueError(
@@ -357,6 +366,9 @@ def main(argv) -> None:
             loss_cfg=loss_cfg,
             constrain=constrain,
         ),
+        # Outputs keep the inputs' shardings: otherwise XLA picks its own, the second step recompiles and the
+        # parameters drift away from the rules table (and from what a restore expects).
+        out_shardings=(param_sh, opt_sh, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
         donate_argnums=(0, 1),
     )
     # every exit's head is applied (per-loop losses are always computed and logged)
