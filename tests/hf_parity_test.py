@@ -86,7 +86,7 @@ def gemma():
     return randomize(transformers.GemmaForCausalLM(cfg), norm_center=0.0)
 
 
-def neox(parallel: bool):
+def neox(parallel: bool, bias: bool = True):
     cfg = transformers.GPTNeoXConfig(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -96,6 +96,7 @@ def neox(parallel: bool):
         rotary_pct=0.25,
         rotary_emb_base=10000,
         use_parallel_residual=parallel,
+        attention_bias=bias,
     )
     return randomize(transformers.GPTNeoXForCausalLM(cfg), norm_center=1.0)
 
@@ -108,8 +109,16 @@ def neox(parallel: bool):
         gemma,
         lambda: neox(parallel=True),
         lambda: neox(parallel=False),
+        lambda: neox(parallel=False, bias=False),
     ],
-    ids=["llama-tied", "llama-untied-bias-headdim", "gemma-mqa", "neox-parallel", "neox-sequential"],
+    ids=[
+        "llama-tied",
+        "llama-untied-bias-headdim",
+        "gemma-mqa",
+        "neox-parallel",
+        "neox-sequential",
+        "neox-no-attn-bias",
+    ],
 )
 def test_parity(make, tmp_path):
     hf_model = make()
@@ -124,7 +133,9 @@ def test_sharded(tmp_path):
     hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
     with open(tmp_path / "model.safetensors.index.json") as f:
         assert len(set(json.load(f)["weight_map"].values())) > 1
-    assert compare(hf_model, tmp_path) < 1e-5
+    err = compare(hf_model, tmp_path)
+    print(f"relative error {err:.2e}")
+    assert err < 1e-5
 
 
 def test_bf16_kept_and_cast(tmp_path):
@@ -133,7 +144,9 @@ def test_bf16_kept_and_cast(tmp_path):
     assert {v.dtype for v in params.values()} == {np.dtype(ml_dtypes.bfloat16)}
     # The same bf16 values, both computed in float32 (a fresh load keeps transformers' rotary buffers float32).
     hf_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    assert compare(hf_model, tmp_path) < 1e-5
+    err = compare(hf_model, tmp_path)
+    print(f"relative error {err:.2e}")
+    assert err < 1e-5
 
     _, as_f32 = checkpoints.load(str(tmp_path), dtype=np.float32)
     assert all(as_f32[k].dtype == np.float32 and np.array_equal(as_f32[k], params[k]) for k in params)

@@ -18,9 +18,7 @@ def load(source: str, dtype=None) -> tuple[model.ModelConfig, dict[str, np.ndarr
     elif os.path.isfile(os.path.join(source, "rrt_model.json")):
         from rrt.checkpoints import rrt_dir
 
-        cfg, params = rrt_dir.load(source)  # may be recursive / relaxed: param_shapes covers that too
-        if dtype is not None:
-            params = {k: np.asarray(v).astype(dtype) for k, v in params.items()}
+        cfg, params = rrt_dir.load(source, dtype)  # may be recursive / relaxed: param_shapes covers that too
     elif os.path.isfile(os.path.join(source, hf.CONFIG)):
         cfg, params = hf.load(source, dtype)
     elif not os.path.exists(source):
