@@ -235,3 +235,19 @@ def test_error_missing_config(tiny_dir, tmp_path):
 def test_error_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         checkpoints.load(str(tmp_path / "nowhere"))
+
+
+def test_streaming_peak_memory(tmp_path):
+    """Tensors are copied from a memory map straight into the stacked arrays: peak allocation ~ 1x the model."""
+    import tracemalloc
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tracemalloc.start()
+    _, params = checkpoints.load(str(tmp_path))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    size = sum(v.nbytes for v in params.values())
+    assert size > 15e6 and peak < 1.2 * size, (peak, size)
