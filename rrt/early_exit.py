@@ -1,0 +1,174 @@
+"""Per-token early exit while decoding: exit rules, one loop at a time, and the deep-KV fill policy.
+
+Exiting after loop r means applying the final norm and head to the hidden state after loop r (as `rrt.scoring` does);
+the token is drawn from those logits. Rules (`ExitRule`), checked after every loop, the last loop always exiting:
+  max_prob   the exit's largest softmax probability >= threshold (a threshold > 1 never fires)
+  agreement  the exit's argmax equals the previous loop's argmax (possible from loop 2 on)
+
+Deep-KV fill policy ("copy hidden state", CALM's state propagation). A token that exits after loop e never runs
+the depth positions of loops e+1..R, yet later tokens attend to their keys and values at those positions. We fill
+them as if every deeper layer were the identity: position l >= e*K gets
+    k_l = rope(k_proj_l(norm_l(h_e))),   v_l = v_proj_l(norm_l(h_e))
+with h_e the exit hidden state and k_proj_l, v_proj_l, norm_l position l's own weights (shared layer + its LoRA,
+its per-position norm). This costs only the k and v projections (about 6% of a block for SmolLM2) of the skipped
+positions, and it is batched: `fill_kv` walks the L positions once for all rows together, each row writing only
+the positions of its own skipped loops (loops nobody needs are skipped with a `lax.cond`). Every decoding path
+(static batching below, the depth-wise engine in `rrt.depthwise`) fills with this one function, so they agree.
+
+`run_loop` runs one loop (the K shared layers) for a batch in which each row may sit at its own loop index and
+sequence position: the per-position weights (LoRA factors, per-position norms; for the `sequence` strategy also the
+shared layer) are gathered per row from the [L, ...] stacks and `model.block` is vmapped over rows, so the shared
+`cycle` kernels stay one batched matmul. With a scalar loop index the weights are sliced once for all rows.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from rrt import lora
+from rrt import model as model_lib
+
+RULES = ("max_prob", "agreement")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitRule:
+    """When a token may leave after a loop (see the module docstring)."""
+
+    kind: str = "max_prob"
+    threshold: float = 0.9  # max_prob only
+    min_loops: int = 1  # never exit before this many loops
+
+    def __post_init__(self):
+        if self.kind not in RULES:
+            raise ValueError(f"ExitRule: unknown kind {self.kind!r}; expected one of {RULES}")
+        if self.min_loops < 1:
+            raise ValueError(f"ExitRule: min_loops must be >= 1, got {self.min_loops}")
+
+
+def confident(rule: ExitRule, logits_BxV: jax.Array, prev_argmax_B: jax.Array, loop) -> jax.Array:
+    """bool[B]: whether the rule lets each row exit after 0-based loop `loop` (scalar or [B])."""
+    if rule.kind == "max_prob":
+        ok = jnp.max(jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1), axis=-1) >= rule.threshold
+    else:
+        ok = (jnp.argmax(logits_BxV, axis=-1) == prev_argmax_B) & (loop >= 1)
+    return ok & (loop + 1 >= rule.min_loops)
+
+
+def kv_projection(cfg: model_lib.ModelConfig, w: dict, x_BxTxD: jax.Array, positions_BxT: jax.Array):
+    """The keys and values [B, T, G, H] that `model.block` with weights `w` writes for input x (same expressions)."""
+    b, t, _ = x_BxTxD.shape
+    h = model_lib.norm(cfg, x_BxTxD, w["attn_norm"], w.get("attn_norm_bias"))
+
+    def proj(name):
+        base = lambda x: lora.dense(x, w[name], w.get(name + "_bias"))  # noqa: E731
+        factors = (w[name + "_a"], w[name + "_b"]) if name + "_a" in w else None
+        return lora.wrap(base, factors, cfg.lora_scale(name))(h)
+
+    k = model_lib.rope(cfg, proj("k").reshape(b, t, cfg.n_kv_heads, cfg.head_dim), positions_BxT)
+    return k, proj("v").reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+
+
+def _shared(cfg: model_lib.ModelConfig, weights: dict, dtype) -> dict:
+    return {name: v.astype(dtype) for name, v in weights["layers"].items()}
+
+
+def fill_kv(cfg: model_lib.ModelConfig, weights: dict, h_BxD, positions_B, from_loop_B, cache: dict) -> dict:
+    """The deep-KV policy: each row's entry at its position, for every depth position of loops >= from_loop_B
+    (0-based; R fills nothing), becomes k/v projected from its exit hidden state h_BxD."""
+    r_count, k_count = cfg.n_loops, cfg.n_shared
+    shared = _shared(cfg, weights, h_BxD.dtype)
+    ids = jnp.asarray(cfg.layer_ids().reshape(-1))
+    rows = jnp.arange(h_BxD.shape[0])
+
+    def position(cache, l):
+        w = {**model_lib.shared_layer(shared, ids[l]), **{n: v[l] for n, v in weights["relax"].items()}}
+        k_Bx1xGxH, v_Bx1xGxH = kv_projection(cfg, w, h_BxD[:, None], positions_B[:, None])
+        write = (l // k_count >= from_loop_B)[:, None, None]
+        out = {}
+        for name, new in (("k", k_Bx1xGxH[:, 0]), ("v", v_Bx1xGxH[:, 0])):
+            old = cache[name][l, rows, positions_B]
+            out[name] = cache[name].at[l, rows, positions_B].set(jnp.where(write, new.astype(old.dtype), old))
+        return out, None
+
+    def loop(cache, r):
+        def run(cache):
+            return jax.lax.scan(position, cache, r * k_count + jnp.arange(k_count))[0]
+
+        return jax.lax.cond(jnp.any(from_loop_B <= r), run, lambda c: c, cache), None
+
+    return jax.lax.scan(loop, cache, jnp.arange(r_count))[0]
+
+
+def run_loop(cfg: model_lib.ModelConfig, weights: dict, x_BxD, loop, positions_B, cache: dict):
+    """One loop (K depth positions) for every row: `loop` is a scalar or each row's own 0-based loop index [B];
+    returns (x_BxD, cache) with each row's new k/v written at (its depth position, its row, its position)."""
+    k_count = cfg.n_shared
+    per_row = jnp.ndim(loop) == 1
+    shared = _shared(cfg, weights, x_BxD.dtype)
+    ids = jnp.asarray(cfg.layer_ids().reshape(-1))
+    rows = jnp.arange(x_BxD.shape[0])
+    # cycle: position r*K + k uses layer k whatever r is, so the shared kernels are the same for every row.
+    uniform_layer = cfg.strategy == "cycle" or cfg.n_shared == 1 or not per_row
+
+    def one_row(w, x_D, pos, c):
+        y, c_new = model_lib.block(cfg, w, x_D[None, None], pos[None, None], None, {n: a[None] for n, a in c.items()})
+        return y[0, 0], {n: a[0, pos] for n, a in c_new.items()}
+
+    def position(carry, k):
+        x, cache = carry
+        l = loop * k_count + k  # [B] or scalar
+        relax = {n: v[l] for n, v in weights["relax"].items()}
+        if not uniform_layer:  # sequence strategy, rows at different loops: each row gathers its own layer
+            layer = {n: v[ids[l]] for n, v in shared.items()}
+        else:
+            layer = model_lib.shared_layer(shared, k if cfg.strategy == "cycle" or per_row else ids[l])
+        w = {**layer, **relax}
+        axes = {n: (0 if per_row and (n in relax or not uniform_layer) else None) for n in w}
+        cache_l = {n: a[l, rows] if per_row else a[l] for n, a in cache.items()}
+        x, entry = jax.vmap(one_row, in_axes=(axes, 0, 0, 0))(w, x, positions_B, cache_l)
+        cache = {n: a.at[l, rows, positions_B].set(entry[n]) for n, a in cache.items()}
+        return (x, cache), None
+
+    (x_BxD, cache), _ = jax.lax.scan(position, (x_BxD, cache), jnp.arange(k_count))
+    return x_BxD, cache
+
+
+def step(model: model_lib.Decoder, rule: ExitRule, tokens_B, positions_B, active_B, cache: dict):
+    """One token per row with early exit, static batching: loops run for the whole batch until every active row
+    has exited (the batch waits for its slowest token); exited rows keep their hidden state. Then the deep KV of
+    every row is filled by the policy. Returns (exit logits [B, V], loops used [B], cache)."""
+    cfg = model.cfg
+    r_count = cfg.n_loops
+    weights = model.weights()
+    x = model.embed_tokens(tokens_B[:, None])[:, 0]
+    b = x.shape[0]
+
+    def cond(c):
+        r, _, done = c[0], c[1], c[2]
+        return (r < r_count) & ~jnp.all(done)
+
+    def body(c):
+        r, x, done, loops, out_logits, prev, cache = c
+        y, cache = run_loop(cfg, weights, x, r, positions_B, cache)
+        x = jnp.where(done[:, None], x, y)
+        logits = model.logits(x)
+        fire = confident(rule, logits, prev, r) | (r == r_count - 1)
+        new = fire & ~done
+        out_logits = jnp.where(new[:, None], logits, out_logits)
+        loops = jnp.where(new, r + 1, loops)
+        return r + 1, x, done | fire, loops, out_logits, jnp.argmax(logits, axis=-1), cache
+
+    init = (
+        jnp.int32(0),
+        x,
+        ~active_B,
+        jnp.full((b,), r_count, jnp.int32),
+        jnp.zeros((b, cfg.vocab_size), jnp.float32),
+        jnp.full((b,), -1, jnp.int32),
+        cache,
+    )
+    _, x, _, loops, logits, _, cache = jax.lax.while_loop(cond, body, init)
+    cache = fill_kv(cfg, weights, x, positions_B, loops, cache)
+    return logits, loops, cache

@@ -1,0 +1,57 @@
+"""The depth-wise batching engine against decoding each request alone with the same exit rule."""
+
+import numpy as np
+import pytest
+from decode_test import forward, prompts, tiny
+
+from rrt import decode, depthwise, early_exit
+
+LENGTHS = (5, 9, 3, 12, 7)
+BUDGETS = [6, 3, 8, 5, 7]  # requests finish at different times, so rows are refilled mid-run
+MAX_LEN = 64
+
+
+def alone(m, ps, rule, sampling=decode.GREEDY, eos_id=None) -> decode.Generation:
+    """Each request decoded by itself (static batching, batch 1), with its own request id's sampling keys."""
+    outs = [
+        decode.generate(m, [p], n, rule=rule, sampling=sampling, eos_id=eos_id, max_len=MAX_LEN, request_ids=[i])
+        for i, (p, n) in enumerate(zip(ps, BUDGETS))
+    ]
+    return decode.Generation([o.tokens[0] for o in outs], [o.loops[0] for o in outs])
+
+
+@pytest.mark.parametrize("strategy", ["cycle", "sequence"])
+def test_engine_equals_decoding_alone_greedy(strategy):
+    m = tiny(strategy, 4, seed=2)
+    ps = prompts(3, LENGTHS)
+    rule = early_exit.ExitRule("max_prob", 0.5)
+    want = alone(m, ps, rule)
+    got = depthwise.generate(m, ps, BUDGETS, slots=2, rule=rule, max_len=MAX_LEN, n_steps=2)
+    assert got.tokens == want.tokens
+    assert got.loops == want.loops
+    decoded = np.concatenate([x[1:] for x in got.loops])  # the first token comes from the full-depth prefill
+    assert decoded.min() == 1 and decoded.max() == m.cfg.n_loops, "the rule should exit at mixed depths"
+    assert got.busy_slot_steps > got.steps  # both rows were in use at once
+
+
+def test_engine_equals_decoding_alone_agreement_sampled_eos():
+    m = tiny("cycle", 4, seed=3)
+    ps = prompts(4, LENGTHS)
+    rule = early_exit.ExitRule("agreement")
+    sampling = decode.Sampling(temperature=1.0, top_k=8, top_p=0.9)
+    eos = 5
+    want = alone(m, ps, rule, sampling, eos_id=eos)
+    got = depthwise.generate(m, ps, BUDGETS, slots=3, rule=rule, sampling=sampling, eos_id=eos, max_len=MAX_LEN)
+    assert got.tokens == want.tokens
+    assert got.loops == want.loops
+
+
+def test_engine_without_exits_is_full_depth():
+    m = tiny("cycle", 4, seed=2)
+    ps = prompts(3, LENGTHS)
+    got = depthwise.generate(m, ps, BUDGETS, slots=2, rule=early_exit.ExitRule("max_prob", 1.5), max_len=MAX_LEN)
+    seqs, _ = decode.padded_prompts([p + t[:-1] for p, t in zip(ps, got.tokens)], len(ps))
+    logits, _ = forward(m, seqs)
+    for p, toks, full in zip(ps, got.tokens, logits):
+        assert toks == np.argmax(full[len(p) - 1 : len(p) - 1 + len(toks)], axis=-1).tolist()
+    assert all(set(x) == {m.cfg.n_loops} for x in got.loops)
