@@ -45,7 +45,9 @@ class OptimConfig:
 def schedule(cfg: OptimConfig, peak: float) -> optax.Schedule:
     end = peak * cfg.min_lr_ratio
     if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, cfg.warmup_steps, cfg.total_steps, end)
+        # optax needs decay steps > warmup steps; warmup_steps == total_steps is valid here (all warmup)
+        decay_steps = max(cfg.total_steps, cfg.warmup_steps + 1)
+        return optax.warmup_cosine_decay_schedule(0.0, peak, cfg.warmup_steps, decay_steps, end)
     warmup = optax.linear_schedule(0.0, peak, max(cfg.warmup_steps, 1))
     if cfg.schedule == "constant":
         return optax.join_schedules([warmup, optax.constant_schedule(peak)], [cfg.warmup_steps])

@@ -16,6 +16,7 @@ import math
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from rrt import model as model_lib
@@ -76,6 +77,22 @@ def param_shardings(params: dict, mesh: Mesh, drop: tuple[str, ...] = ()) -> dic
         return NamedSharding(mesh, spec(model_lib.param_axes(name), leaf.shape, mesh, drop))
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def opt_state_shardings(opt: optax.GradientTransformation, abstract_opt_state, param_sh: dict, mesh: Mesh):
+    """Every copy of the parameter tree inside an optimizer state (Adam moments) takes the parameters' shardings;
+    the rest (step counts) is replicated. Explicit because compiling `opt.init` does not propagate them: it never
+    reads the parameters' values, JAX prunes them, and the whole state would land on one device."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731  (multi_transform: another group's leaf)
+    return optax.tree_map_params(
+        opt,
+        lambda leaf, sh: leaf if masked(leaf) else sh,
+        abstract_opt_state,
+        param_sh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=masked,
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

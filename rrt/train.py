@@ -311,11 +311,11 @@ def main(argv) -> None:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(c.to_json(indent=2))
 
-    # Optimizer-state shardings follow the parameters' (XLA propagates them through opt.init).
+    # Optimizer-state shardings follow the parameters' (sharding.opt_state_shardings says why they are explicit).
     with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)  # noqa: E731
-    init_fn = jax.jit(opt.init)
     abstract_opt = jax.eval_shape(opt.init, abstract_params)
-    opt_sh = init_fn.lower(with_sh(abstract_params, param_sh)).compile().output_shardings
+    opt_sh = sharding_lib.opt_state_shardings(opt, abstract_opt, param_sh, mesh)
+    init_fn = jax.jit(opt.init, out_shardings=opt_sh)
 
     if latest is not None:
         params, opt_state, meta, data_state = ckpt_lib.restore(
