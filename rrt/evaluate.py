@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     model = sources.load_model(args.source, dtype=args.dtype)
     tokenizer = sources.load_tokenizer(args.source)
+    sources.check_vocab(tokenizer, model.cfg, args.source)
     results = {}
     for task in args.task_list:
         if task == "perplexity":

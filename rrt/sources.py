@@ -19,3 +19,12 @@ def load_tokenizer(source: str):
     from rrt.checkpoints import tokenizer
 
     return tokenizer.load_tokenizer(source)
+
+
+def check_vocab(tokenizer, cfg: model_lib.ModelConfig, source: str = "") -> None:
+    """A tokenizer whose ids exceed the embedding table would silently read NaN rows: refuse it."""
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer of {source or 'the source'} has {tokenizer.vocab_size} tokens but the model's embedding has "
+            f"{cfg.vocab_size} rows"
+        )

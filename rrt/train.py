@@ -304,6 +304,9 @@ def main(argv) -> None:
     from rrt.checkpoints import tokenizer as tokenizer_lib
 
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_source)
+    from rrt import sources
+
+    sources.check_vocab(tokenizer, cfg, tokenizer_source)
     if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, rrt_dir.META)):
         tokenizer.save(os.path.join(workdir, "tokenizer"))
         with open(os.path.join(workdir, rrt_dir.META), "w") as f:
