@@ -29,7 +29,9 @@ Design notes.
 * Token cache (`cache_dir`): a source tokenized once is stored as a flat token array + document offsets, named by a
   hash of the tokenizer and the source's content (file bytes; TFDS name, version, split), written atomically so
   concurrent hosts may share a directory. Warm runs then read tokens from memory-mapped arrays instead of
-  tokenizing. Leave it unset for corpora too large to tokenize up front: they tokenize lazily, host by host.
+  tokenizing. Building it tokenizes the whole source on every host, so by default only "files" sources (local
+  corpora) are cached; TFDS sources, possibly huge, tokenize lazily, each host only its own documents
+  (`SourceConfig.cache` overrides either way).
 """
 
 import dataclasses
@@ -76,6 +78,7 @@ class SourceConfig:
     doc_separator: str = "blank_line"  # text files: blank_line | line | file (one document per file)
     heldout_fraction: float = 0.0  # files: the last fraction of documents forms the "validation" split
     weight: float = 1.0  # mixture weight
+    cache: bool | None = None  # use DataConfig.cache_dir for this source; None: files sources yes, TFDS no
 
     def __post_init__(self):
         if self.kind not in ("tfds", "files"):
@@ -451,7 +454,7 @@ def make_iterator(
     sources, parts = [], []
     for i, src in enumerate(cfg.sources):
         docs = _documents(src)
-        if cfg.cache_dir:
+        if cfg.cache_dir and (src.kind == "files" if src.cache is None else src.cache):
             key = hashlib.sha256(f"{docs.fingerprint}:{tok_fp}".encode()).hexdigest()[:24]
             docs = cached_tokens(docs, encoder, cfg.cache_dir, key)
             ds = grain.MapDataset.source(docs)

@@ -2,6 +2,7 @@
 hosts, host shards and epoch reshuffles, mixtures, the token cache, TFDS round trip, clear errors. SmolLM2's real
 tokenizer throughout (loaded once)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -214,9 +215,9 @@ def tfds_dir(tmp_path_factory):
     return d
 
 
-def test_tfds_round_trip(tok, tfds_dir):
+def test_tfds_round_trip(tok, tfds_dir, tmp_path):
     """Read back through tfds.data_source (as a pod job does): the documents of the files source, split for split,
-    and the same batches from the pipeline."""
+    and the same batches from the pipeline; cached only when asked."""
     docs = data.read_documents(TINYSTORIES)
     train, held = data.split_documents(docs, 0.1)
     assert len(held) == -(-len(docs) // 10) and train + held == docs
@@ -229,6 +230,14 @@ def test_tfds_round_trip(tok, tfds_dir):
         a, b = (data.make_iterator(c, tok, process_index=0, process_count=1) for c in (via_tfds, via_files))
         for _ in range(2):
             assert_batches_equal(next(a), next(b))
+    src = data.SourceConfig("tfds", name="tinystories_val", data_dir=tfds_dir)
+    cache = tmp_path / "cache"
+    lazy = data.make_iterator(config(src, cache_dir=str(cache)), tok, process_index=0, process_count=1)
+    assert not cache.exists()
+    src = dataclasses.replace(src, cache=True)
+    cached = data.make_iterator(config(src, cache_dir=str(cache)), tok, process_index=0, process_count=1)
+    assert len(os.listdir(cache)) == 2
+    assert_batches_equal(next(lazy), next(cached))
 
 
 def test_heldout_text():
