@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from rrt import lora
 from rrt import model as model_lib
 
 INITS = ("stepwise", "average", "lower", "upper", "random")
@@ -149,6 +150,27 @@ def convert(base: model_lib.ModelConfig, params: dict[str, np.ndarray], rec: Rec
     return cfg, out, report
 
 
+def expand(cfg: model_lib.ModelConfig, params: dict[str, np.ndarray]):
+    """The full-depth vanilla model computing the same function: position l gets W'_{slot(l)} + s * a_l b_l and its
+    norms/biases (the export path: a relaxed model as an ordinary L-layer checkpoint)."""
+    ids = cfg.layer_ids().reshape(-1)
+    out_cfg = dataclasses.replace(cfg, n_loops=1, rank_attn=0, rank_mlp=0, lora_alpha=0.0, per_position_norms=False)
+    out = {k: v for k, v in params.items() if not k.startswith(("layers/", "relax/"))}
+    for name in model_lib.param_shapes(out_cfg):
+        if not name.startswith("layers/"):
+            continue
+        leaf = name.removeprefix("layers/")
+        if "relax/" + leaf in params:  # a per-position vector
+            out[name] = np.asarray(params["relax/" + leaf])
+            continue
+        w = np.asarray(params[name])[ids]
+        if "relax/" + leaf + "_a" in params:
+            a, b = params["relax/" + leaf + "_a"], params["relax/" + leaf + "_b"]
+            w = np.asarray(lora.merge(w, a, b, cfg.lora_scale(leaf)))
+        out[name] = w
+    return out_cfg, out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -166,7 +188,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rrt.convert", description=__doc__.splitlines()[0])
     p.add_argument("--source", required=True, help="HF dir, .gguf file or rrt checkpoint dir of a full-depth model")
     p.add_argument("--out", required=True, help="output rrt model directory (must be new or hold this same conversion)")
-    p.add_argument("--loops", type=int, required=True, help="B: how many times the K = L / B shared layers loop")
+    p.add_argument("--loops", type=int, default=None, help="B: how many times the K = L / B shared layers loop")
     p.add_argument("--strategy", choices=model_lib.STRATEGIES, default="cycle")
     p.add_argument("--init", choices=INITS, default="stepwise")
     p.add_argument("--rank", type=_parse_rank, default=0, help="LoRA rank on attention (and MLP); 0 strict; 'full'")
@@ -175,7 +197,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora_init", choices=LORA_INITS, default="svd")
     p.add_argument("--per_position_norms", choices=("auto", "true", "false"), default="auto")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument(
+        "--expand",
+        action="store_true",
+        help="instead: write the full-depth model equivalent to a (relaxed) recursive --source (merged LoRA)",
+    )
+    args = p.parse_args(argv)
+    if args.loops is None and not args.expand:
+        p.error("--loops is required")
+    return args
 
 
 def recursion_from_args(base: model_lib.ModelConfig, args: argparse.Namespace) -> Recursion:
@@ -199,6 +229,17 @@ def main(argv=None) -> int:
     from rrt.checkpoints import tokenizer as tokenizer_lib
 
     base, params = checkpoints.load(args.source)
+    if args.expand:
+        cfg, full = expand(base, params)
+        rrt_dir.save(
+            args.out,
+            cfg,
+            full,
+            tokenizer=tokenizer_lib.load_tokenizer(args.source),
+            expanded_from=os.path.abspath(args.source),
+        )
+        print(f"wrote the full-depth ({cfg.n_layers}-layer) equivalent of {args.source} to {args.out}")
+        return 0
     rec = recursion_from_args(base, args)
     cfg = recursive_config(base, rec)  # validate before any work
     conversion = {"source": os.path.abspath(args.source), "recursion": dataclasses.asdict(rec)}

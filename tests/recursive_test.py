@@ -157,6 +157,15 @@ def test_scanned_stack_equals_loop_over_merged_positions(make, strategy, rank, t
     assert rel_error(rrt_logits(cfg, new), hf_logits(reference.eval())) < 1e-5
 
 
+def test_expand_gives_the_same_function_at_full_depth(tmp_path):
+    base, params = load(neox_hf(), tmp_path)
+    rec = convert.Recursion(loops=2, strategy="sequence", init="average", rank_attn=4, rank_mlp=6, alpha=2.0)
+    cfg, new, _ = convert.convert(base, params, rec, progress=False)
+    full_cfg, full = convert.expand(cfg, new)
+    assert full_cfg.n_loops == 1 and not full_cfg.relaxed and full_cfg.n_layers == cfg.n_layers
+    assert rel_error(rrt_logits(full_cfg, full), rrt_logits(cfg, new)) < 1e-5
+
+
 def test_zero_init_lora_equals_strict_recursion(tmp_path):
     base, params = load(llama_hf(), tmp_path)
     strict_cfg, strict, _ = convert.convert(base, params, convert.Recursion(loops=3, init="stepwise"), progress=False)
