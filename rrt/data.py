@@ -11,21 +11,25 @@ B = global_batch_size // process_count rows on each host, T = seq_len. The model
 logits it would get alone. Loss: sum(loss_mask * xent(logits, targets)) / sum(loss_mask).
 
 Design notes.
-* One grain pipeline. Per source, a random-access `MapDataset` of documents (a TFDS split read with
-  `tfds.data_source`, or files read into memory), tokenized lazily by a `map` (or read from the token cache),
-  `shuffle(seed_s)` then `repeat()`: grain reseeds every epoch (seed_s + epoch), so epochs wrap with a fresh shuffle
-  and no epoch counter needs storing. Sources are mixed by `MapDataset.mix` (a deterministic weighted interleave),
-  then the host keeps `[process_index::process_count]` of the global order: it reads and tokenizes only its own
-  documents. Then threads (`to_iter_dataset`), packing, `batch`, and optionally worker processes (`mp_prefetch`).
+* One grain pipeline: `MapDataset.range(...).map(fetch_block)` -> `to_iter_dataset` (threads) -> packing -> `batch`
+  -> optionally worker processes (`mp_prefetch`). An element is a block of BLOCK_DOCS documents, not one document:
+  grain's per-element bookkeeping then costs ~1 us per document instead of ~50, and a block is tokenized in one
+  `encode_batch` call (which runs in Rust, off the GIL).
+* The global order (`_Order`) is a pure function of (config, position): sources are mixed by a deterministic smooth
+  weighted round robin; each source runs through epochs, each a fresh permutation seeded by (seed_s + epoch), as
+  grain's `shuffle` + `repeat` reseed. Host h takes global positions h, h + P, h + 2P, ... (P = process_count): it
+  reads and tokenizes only its own documents. Documents come from a TFDS split read with `tfds.data_source`
+  (array_record, no TensorFlow) or from local files read into memory.
 * The shift by one happens per document before packing: a document of n tokens (BOS/EOS added as the tokenizer's
   config says, or as `DataConfig` overrides) gives n - 1 (input, target) pairs, so no target crosses a document
   boundary and `loss_mask` is `segment_ids > 0`. Packing concatenates the pairs; a document longer than what is
   left of a row is split, and its continuation starts a new segment at position 0 in the next row (it could not
   attend to its head anyway). Rows are padded only when the stream ends, which an infinite stream never does.
-* State: the packer stores the state of its parent before the document it is in plus an offset into it, so the
-  iterator state is a small JSON-able dict (grain's own states below it are integers), restored exactly: a restored
-  iterator yields the same batches as an uninterrupted one. It also records a fingerprint of the config, the host
-  layout and the tokenizer, and refuses a state from another pipeline.
+* State: the packer stores grain's state before the block it is in (an element index) plus the document and token
+  offset inside it, so the iterator state is a small JSON-able dict, restored exactly (the block is fetched again):
+  a restored iterator yields the same batches as an uninterrupted one. It also records a fingerprint of the config,
+  the host layout and the tokenizer, and refuses a state from another pipeline. With workers, grain's state holds
+  one such dict per worker; the order then depends on num_workers (deterministically).
 * Token cache (`cache_dir`): a source tokenized once is stored as a flat token array + document offsets, named by a
   hash of the tokenizer and the source's content (file bytes; TFDS name, version, split), written atomically so
   concurrent hosts may share a directory. Warm runs then read tokens from memory-mapped arrays instead of
@@ -35,12 +39,15 @@ Design notes.
 """
 
 import dataclasses
+import fractions
+import functools
 import glob
 import hashlib
 import json
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -48,9 +55,12 @@ import grain
 import jax
 import numpy as np
 from absl import flags
+from grain.experimental import index_shuffle
 
 DOC_SEPARATORS = ("blank_line", "line", "file")
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+BLOCK_DOCS = 64  # documents per grain element: grain's per-element cost is paid once per block
+PERMUTATION_MAX_DOCS = 1 << 22  # larger sources shuffle without holding a permutation (slower per document)
 
 
 class Tokenizer(Protocol):
@@ -111,8 +121,8 @@ class DataConfig:
     add_bos: bool | None = None  # None: as the tokenizer's config says
     add_eos: bool | None = None
     cache_dir: str | None = None  # on-disk token cache; None: tokenize on the fly
-    num_threads: int = 0  # reading threads per process (tokenizers hold the GIL: use workers to tokenize in parallel)
-    prefetch: int = 16  # documents read ahead by those threads
+    num_threads: int = 1  # threads fetching (reading, tokenizing) blocks ahead of the packer
+    prefetch: int = 4  # blocks of documents read ahead by those threads
     num_workers: int = 0  # grain worker processes (0: in this process); changes the order, deterministically
 
     def __post_init__(self):
@@ -293,7 +303,7 @@ class _CachedTokens:
 
     def __getitem__(self, index: int) -> np.ndarray:
         if self._tokens is None:
-            self._tokens = np.load(self.path + ".tokens.npy", mmap_mode="r")
+            self._tokens = np.load(self.path + ".tokens.npy", mmap_mode="r").view(np.ndarray)
         return np.asarray(self._tokens[self._offsets[index] : self._offsets[index + 1]], np.int32)
 
 
@@ -319,35 +329,112 @@ def cached_tokens(docs: Sequence[str], encoder: _Encoder, cache_dir: str, key: s
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Packing.
+# Order, blocks, packing.
+
+
+def _proportions(weights: Sequence[float]) -> list[int]:
+    """Mixture weights as the smallest integer proportions (0.7, 0.3 -> 7, 3)."""
+    fracs = [fractions.Fraction(w).limit_denominator(1000) for w in weights]
+    den = math.lcm(*(f.denominator for f in fracs))
+    ints = [int(f * den) for f in fracs]
+    ints = [i // math.gcd(*ints) for i in ints]
+    if sum(ints) > 10**6:
+        raise ValueError(f"mixture weights {list(weights)} need a period of {sum(ints)} draws: use simpler ratios")
+    return ints
+
+
+class _Order:
+    """The global document order: position g -> (source, document), a pure function of the config and g.
+
+    Sources are drawn by a smooth weighted round robin over their integer proportions; the k-th draw from source s is
+    document permutation(k mod n_s) of epoch k // n_s, seeded by (seed_s + epoch) as grain's `shuffle` + `repeat`
+    reseed: every epoch of every source is a fresh permutation, and no epoch counter needs storing."""
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int, shuffle: bool):
+        props = _proportions(weights)
+        slots = sorted(((k + 0.5) / w, i, k) for i, w in enumerate(props) for k in range(w))
+        self.slot_source = np.array([i for _, i, _ in slots], np.int64)
+        self.slot_rank = np.array([k for _, _, k in slots], np.int64)
+        self.props, self.sizes = np.array(props, np.int64), np.array(sizes, np.int64)
+        self.seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(len(sizes))]
+        self.shuffle = shuffle
+
+    def __call__(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cycle, r = np.divmod(g, len(self.slot_source))
+        src = self.slot_source[r]
+        epoch, pos = np.divmod(cycle * self.props[src] + self.slot_rank[r], self.sizes[src])
+        if self.shuffle:
+            pos = pos.copy()
+            for s, e in {(int(s), int(e)) for s, e in zip(src, epoch)}:
+                m = (src == s) & (epoch == e)
+                pos[m] = _shuffle(pos[m], int(self.sizes[s]), (self.seeds[s] + e) % 2**32)
+        return src, pos
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(n).astype(np.int32 if n < 2**31 else np.int64)
+
+
+def _shuffle(pos: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Position -> document under the permutation of [0, n) that `seed` names: a cached numpy permutation (fast)
+    for sources up to PERMUTATION_MAX_DOCS documents, grain's index_shuffle (O(1) memory) above."""
+    if n <= PERMUTATION_MAX_DOCS:
+        return _permutation(n, seed)[pos]
+    return np.array([index_shuffle(int(p), max_index=n - 1, seed=seed, rounds=4) for p in pos], np.int64)
+
+
+class _FetchBlock:
+    """Block b of this host -> the token arrays of its BLOCK_DOCS documents, which sit at global positions
+    j * process_count + process_index for j in [b * BLOCK_DOCS, (b + 1) * BLOCK_DOCS): tokenized in one batch, or
+    read from the token cache."""
+
+    def __init__(self, order: _Order, sources: list, encoder: _Encoder, process_index: int, process_count: int):
+        self.order, self.sources, self.encoder = order, sources, encoder
+        self.process_index, self.process_count = process_index, process_count
+
+    def __call__(self, b: int) -> list[np.ndarray]:
+        j = np.arange(b * BLOCK_DOCS, (b + 1) * BLOCK_DOCS, dtype=np.int64)
+        src, doc = self.order(j * self.process_count + self.process_index)
+        out = [None] * BLOCK_DOCS
+        for s in np.unique(src):
+            (idx,) = np.nonzero(src == s)
+            source = self.sources[s]
+            if isinstance(source, _CachedTokens):
+                arrays = [source[int(d)] for d in doc[idx]]
+            else:
+                arrays = self.encoder.encode_batch([source[int(d)] for d in doc[idx]])
+            for i, a in zip(idx, arrays):
+                out[i] = a
+        return out
 
 
 class _PackIterator(grain.DatasetIterator):
-    """Documents (token arrays) -> rows of T (input, target) pairs with segment ids and positions."""
+    """Blocks of documents (token arrays) -> rows of T (input, target) pairs with segment ids and positions."""
 
     def __init__(self, parent: grain.DatasetIterator, seq_len: int):
         super().__init__(parent)
         self._seq_len = seq_len
-        self._doc, self._offset, self._doc_state = None, 0, None
+        self._block, self._block_state, self._doc, self._offset = None, None, 0, 0
         self._arange = np.arange(seq_len, dtype=np.int32)
 
-    def _next_doc(self) -> None:
-        self._doc_state = self._parent.get_state()
-        self._doc, self._offset = next(self._parent), 0
+    def _next_block(self) -> None:
+        self._block_state = self._parent.get_state()
+        self._block, self._doc, self._offset = next(self._parent), 0, 0
 
     def __next__(self) -> dict[str, np.ndarray]:
         t = self._seq_len
         row = {k: np.zeros(t, np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
         fill = segment = 0
         while fill < t:
-            if self._doc is None:
+            if self._block is None or self._doc == len(self._block):
                 try:
-                    self._next_doc()
+                    self._next_block()
                 except StopIteration:
                     if fill:
                         break
                     raise
-            doc, o = self._doc, self._offset
+            doc, o = self._block[self._doc], self._offset
             take = min(len(doc) - 1 - o, t - fill)
             if take > 0:
                 segment += 1
@@ -357,21 +444,21 @@ class _PackIterator(grain.DatasetIterator):
                 row["positions"][fill : fill + take] = self._arange[:take]
                 fill, self._offset = fill + take, o + take
             if self._offset >= len(doc) - 1:
-                self._doc = None
+                self._doc, self._offset = self._doc + 1, 0
         row["loss_mask"] = (row["segment_ids"] > 0).astype(np.float32)
         return row
 
     def get_state(self) -> dict[str, Any]:
-        if self._doc is None:
-            return {"parent": self._parent.get_state(), "offset": 0}
-        return {"parent": self._doc_state, "offset": self._offset}
+        if self._block is None:
+            return {"parent": self._parent.get_state(), "doc": 0, "offset": 0}
+        return {"parent": self._block_state, "doc": self._doc, "offset": self._offset}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._doc = None
-        if state["offset"]:
-            self._next_doc()
-            self._offset = state["offset"]
+        self._block = None
+        if state["doc"] or state["offset"]:
+            self._next_block()
+            self._doc, self._offset = state["doc"], state["offset"]
 
 
 class _PackDataset(grain.IterDataset):
@@ -416,10 +503,6 @@ class Iterator:
             self._it.close()
 
 
-def _source_seed(seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
-
 def _check_size(sources: list, encoder: _Encoder, need: int) -> None:
     """Fails if all sources together hold fewer (input, target) pairs than one global batch."""
     total = n_docs = 0
@@ -451,22 +534,16 @@ def make_iterator(
         raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by {process_count} hosts")
     encoder = _Encoder(tokenizer, cfg.add_bos, cfg.add_eos)
     tok_fp = encoder.fingerprint()
-    sources, parts = [], []
-    for i, src in enumerate(cfg.sources):
+    sources = []
+    for src in cfg.sources:
         docs = _documents(src)
         if cfg.cache_dir and (src.kind == "files" if src.cache is None else src.cache):
             key = hashlib.sha256(f"{docs.fingerprint}:{tok_fp}".encode()).hexdigest()[:24]
             docs = cached_tokens(docs, encoder, cfg.cache_dir, key)
-            ds = grain.MapDataset.source(docs)
-        else:
-            ds = grain.MapDataset.source(docs).map(encoder)
         sources.append(docs)
-        if cfg.shuffle:
-            ds = ds.shuffle(seed=_source_seed(cfg.seed, i))
-        parts.append(ds.repeat())
     _check_size(sources, encoder, cfg.global_batch_size * cfg.seq_len)
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s.weight for s in cfg.sources])
-    ds = ds[process_index::process_count]
+    order = _Order([len(d) for d in sources], [s.weight for s in cfg.sources], cfg.seed, cfg.shuffle)
+    ds = grain.MapDataset.range(sys.maxsize).map(_FetchBlock(order, sources, encoder, process_index, process_count))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
     ds = _PackDataset(ds, cfg.seq_len).batch(cfg.global_batch_size // process_count, drop_remainder=True)
     if cfg.num_workers:
@@ -475,7 +552,8 @@ def make_iterator(
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     # What decides the order of batches (not cache_dir, threads or prefetch depth).
     keep = ("sources", "seq_len", "global_batch_size", "seed", "shuffle", "add_bos", "add_eos", "num_workers")
-    layout = json.dumps([{k: cfg.to_dict()[k] for k in keep}, process_index, process_count, tok_fp], sort_keys=True)
+    layout = [{k: cfg.to_dict()[k] for k in keep}, process_index, process_count, tok_fp, BLOCK_DOCS]
+    layout = json.dumps(layout, sort_keys=True)
     return Iterator(ds, hashlib.sha256(layout.encode()).hexdigest()[:16])
 
 

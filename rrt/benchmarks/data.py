@@ -51,7 +51,8 @@ def run(argv: list[str] | None = None) -> None:
     tok = tokenizer.load_tokenizer(gguf.smollm2_gguf_path())
     print(
         f"SmolLM2 tokenizer loaded in {time.perf_counter() - t0:.1f} s; cores {sorted(os.sched_getaffinity(0))}; "
-        f"T={a.seq_len}, B={a.batch}, {a.seconds:.0f} s per setting"
+        f"T={a.seq_len}, B={a.batch}, {a.seconds:.0f} s per setting; load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} CPUs (other processes slow these numbers)"
     )
     print(f"{'corpus':28s} {'mode':6s} {'tokens/s':>12s} {'batches':>8s}")
     for path in a.corpora:
