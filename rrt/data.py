@@ -101,6 +101,8 @@ class SourceConfig:
             raise ValueError(f"SourceConfig: doc_separator must be one of {DOC_SEPARATORS}, got {self.doc_separator!r}")
         if not 0 <= self.heldout_fraction < 1:
             raise ValueError(f"SourceConfig: heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.kind == "tfds" and self.heldout_fraction:
+            raise ValueError("SourceConfig: heldout_fraction is for files sources; a TFDS source names its split")
         if self.kind == "files" and self.split not in ("train", "validation"):
             raise ValueError(f"SourceConfig: a files source has splits 'train' and 'validation', got {self.split!r}")
         if self.kind == "files" and self.split == "validation" and not self.heldout_fraction:
@@ -379,6 +381,8 @@ def _permutation(n: int, seed: int) -> np.ndarray:
 def _shuffle(pos: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Position -> document under the permutation of [0, n) that `seed` names: a cached numpy permutation (fast)
     for sources up to PERMUTATION_MAX_DOCS documents, grain's index_shuffle (O(1) memory) above."""
+    if n == 1:
+        return np.zeros_like(pos)
     if n <= PERMUTATION_MAX_DOCS:
         return _permutation(n, seed)[pos]
     return np.array([index_shuffle(int(p), max_index=n - 1, seed=seed, rounds=4) for p in pos], np.int64)
