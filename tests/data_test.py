@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import grain
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -179,11 +180,9 @@ def test_hosts_shard_and_epochs_reshuffle(tok, numbered):
     assert again == one[: len(again)] and other != again
 
 
-@pytest.mark.parametrize("max_docs", [data.PERMUTATION_MAX_DOCS, 0])
-def test_order(monkeypatch, max_docs):
-    """The global order: 0.7/0.3 weights draw 7:3 in every period of 10; each source's epochs are fresh permutations,
-    with a cached permutation and with grain's index_shuffle (sources above PERMUTATION_MAX_DOCS)."""
-    monkeypatch.setattr(data, "PERMUTATION_MAX_DOCS", max_docs)
+def test_order(monkeypatch):
+    """The global order: 0.7/0.3 weights draw 7:3 in every period of 10; each source's epochs are fresh
+    permutations; above PERMUTATION_MAX_DOCS documents, the order is exactly grain's shuffle + repeat."""
     order = data._Order([13, 1], [0.7, 0.3], seed=4, shuffle=True)
     src, doc = order(np.arange(1000))
     assert all(np.bincount(src[i : i + 10]).tolist() == [7, 3] for i in range(0, 1000, 10))
@@ -191,6 +190,12 @@ def test_order(monkeypatch, max_docs):
     epochs = doc[src == 0][: 13 * 5].reshape(5, 13)
     assert all(sorted(e) == list(range(13)) for e in epochs) and len({tuple(e) for e in epochs}) == 5
     np.testing.assert_array_equal(order(np.arange(500, 600))[1], doc[500:600])
+    monkeypatch.setattr(data, "PERMUTATION_MAX_DOCS", 0)
+    n = 100_000
+    order = data._Order([n], [1.0], seed=4, shuffle=True)
+    grain_ds = grain.MapDataset.range(n).shuffle(seed=order.seeds[0]).repeat()
+    positions = np.concatenate([np.arange(300), n + np.arange(300)])  # epochs 0 and 1
+    np.testing.assert_array_equal(order(positions)[1], [grain_ds[int(p)] for p in positions])
 
 
 def test_mixture(tok, numbered, tmp_path):
