@@ -66,15 +66,24 @@ def heldout_text(path: str, fraction: float) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    rows = ["| task | metric | value | n |", "|---|---|---|---|"]
+    """One row per (task, metric): value and standard error (accuracies in points), n (tokens for perplexity), and
+    the value after every exit loop when the model loops more than once."""
+    loops = max((len(res.get("per_loop", [])) for res in results.values()), default=0)
+    head = ["task", "metric", "value", "stderr", "n"]
+    head += [f"loop {i}" for i in range(1, loops + 1)] if loops > 1 else []
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task, res in results.items():
-        if task == "perplexity":
-            rows.append(f"| perplexity | ppl | {res['ppl']:.3f} | {res['tokens']} |")
-            continue
         for metric in ("acc", "acc_norm", "ppl"):
-            if metric in res:
-                val = f"{100 * res[metric]:.2f}" if metric != "ppl" else f"{res[metric]:.3f}"
-                rows.append(f"| {task} | {metric} | {val} | {res.get('n', '')} |")
+            if metric not in res:
+                continue
+            fmt = (lambda v: f"{v:.3f}") if metric == "ppl" else (lambda v: f"{100 * v:.2f}")
+            stderr = res.get(metric + "_stderr")
+            n = res["tokens"] if task == "perplexity" else res.get("n", "")
+            cells = [task, metric, fmt(res[metric]), "" if stderr is None else fmt(stderr), str(n)]
+            if loops > 1:
+                per = [row.get(metric) for row in res.get("per_loop", [])]
+                cells += ["" if v is None else fmt(v) for v in per] + [""] * (loops - len(per))
+            rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
