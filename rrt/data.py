@@ -554,9 +554,11 @@ def make_iterator(
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; entry points without absl.app parse none
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    # What decides the order of batches (not cache_dir, threads or prefetch depth).
+    # What decides the order of batches (not where data or caches live, threads or prefetch depth).
     keep = ("sources", "seq_len", "global_batch_size", "seed", "shuffle", "add_bos", "add_eos", "num_workers")
-    layout = [{k: cfg.to_dict()[k] for k in keep}, process_index, process_count, tok_fp, BLOCK_DOCS]
+    what = {k: v for k, v in cfg.to_dict().items() if k in keep}
+    what["sources"] = [{k: v for k, v in s.items() if k not in ("data_dir", "cache")} for s in what["sources"]]
+    layout = [what, process_index, process_count, tok_fp, BLOCK_DOCS]
     layout = json.dumps(layout, sort_keys=True)
     return Iterator(ds, hashlib.sha256(layout.encode()).hexdigest()[:16])
 
