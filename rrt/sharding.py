@@ -8,8 +8,16 @@ divide is replicated instead (tiny test models), never padded.
 Shared-block gathering. Every loop re-uses the same K shared layers. Sharded by FSDP and closed over by the scan,
 they would be all-gathered inside the loop body, once per depth position (L = K * R gathers of a layer per step).
 `gather_shared=True` constrains the shared block to be replicated over `fsdp` before the scan, so XLA gathers it
-once per forward pass and every loop reuses it (its gradient is reduce-scattered once); it costs the memory of one
-unsharded shared block, which is small for recursive models (1 / R of the original layers).
+once per step and every loop (and the backward pass) reuses it; it costs the memory of one unsharded shared block,
+which is small for recursive models (1 / R of the original layers). Its gradient is still all-reduced once per
+depth position inside the backward loop (XLA keeps the loop's gradient accumulator reduced); docs/TRAINING.md has
+the counts.
+
+Activations. The embedding table is sharded over `fsdp` on D, so left alone XLA gathers the token ids instead of
+the table, shards the activations on D, and runs the whole stack model-parallel over `fsdp`: it all-gathers
+activations at every depth position and never gathers a weight (gather_shared then has nothing to save). The
+training loss constrains the loops' hidden states [R, B, T, D] to batch-sharded rows (`activation_constraint`); that
+fixes the scan's carry, so weights are gathered and activations stay local, as FSDP intends.
 """
 
 import math
@@ -77,6 +85,15 @@ def param_shardings(params: dict, mesh: Mesh, drop: tuple[str, ...] = ()) -> dic
         return NamedSharding(mesh, spec(model_lib.param_axes(name), leaf.shape, mesh, drop))
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def activation_constraint(mesh: Mesh, logical: tuple[str | None, ...]):
+    """A function constraining an activation with these logical axes to the table's sharding (see the module doc)."""
+
+    def constrain(x: jax.Array) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical, x.shape, mesh)))
+
+    return constrain
 
 
 def opt_state_shardings(opt: optax.GradientTransformation, abstract_opt_state, param_sh: dict, mesh: Mesh):

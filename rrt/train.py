@@ -53,12 +53,16 @@ class LossConfig:
 # The step.
 
 
-def loss_fn(params, teacher_params, mb, *, graphdef, teacher_graphdef, loss_cfg: LossConfig, constrain):
+def loss_fn(
+    params, teacher_params, mb, *, graphdef, teacher_graphdef, loss_cfg: LossConfig, constrain, constrain_hiddens=None
+):
     """Summed (weighted) loss over the micro-batch's tokens, and per-loop summed CE / KL."""
     model = nnx.merge(graphdef, params)
     _, hiddens_RxBxTxD = model(
         mb["inputs"], mb["positions"], mb["segment_ids"], return_loop_hiddens=True, constrain_shared=constrain
     )
+    if constrain_hiddens is not None:  # keeps the stack's activations batch-sharded (sharding.py, "Activations")
+        hiddens_RxBxTxD = constrain_hiddens(hiddens_RxBxTxD)
     mask = mb["loss_mask"]
     teacher_logits = None
     if loss_cfg.kd_weight > 0:
@@ -368,6 +372,7 @@ def main(argv) -> None:
             teacher_graphdef=teacher_graphdef,
             loss_cfg=loss_cfg,
             constrain=constrain,
+            constrain_hiddens=sharding_lib.activation_constraint(mesh, (None, "batch", "time", None)),
         ),
         # Outputs keep the inputs' shardings: otherwise XLA picks its own, the second step recompiles and the
         # parameters drift away from the rules table (and from what a restore expects).
@@ -444,12 +449,14 @@ def loop(
         while step < c.steps:
             batch = data_lib.to_global(next(iterator), mesh, batch_sh.spec)
             new_params, new_opt_state, metrics = step_fn(params, opt_state, teacher_params, batch)
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            # A finite loss with non-finite gradients still turns the parameters into NaN: check both, or the
+            # next save would keep them as "the last good checkpoint".
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 mngr.wait_until_finished()
                 raise FloatingPointError(
-                    f"non-finite loss {loss} at step {step + 1}; stopping. The last good checkpoint "
-                    f"(step {mngr.latest_step()}) is kept in {workdir}/checkpoints"
+                    f"non-finite loss {loss} or gradient norm {grad_norm} at step {step + 1}; stopping. The last "
+                    f"good checkpoint (step {mngr.latest_step()}) is kept in {workdir}/checkpoints"
                 )
             params, opt_state, step = new_params, new_opt_state, step + 1
             window_tokens += float(metrics["tokens"])
