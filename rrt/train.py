@@ -90,7 +90,8 @@ def loss_fn(
             continue
         h = hiddens_RxBxTxD[r] if w > 0 else jax.lax.stop_gradient(hiddens_RxBxTxD[r])
         c, k = loop_loss(h)
-        total = total + w * ((1 - loss_cfg.kd_weight) * c + loss_cfg.kd_weight * k)
+        if w > 0:  # adding 0 * c would still run the head's backward (XLA keeps x * 0 for floats)
+            total = total + w * ((1 - loss_cfg.kd_weight) * c + loss_cfg.kd_weight * k)
         ce.append(c)
         kl.append(k)
     return total, (jnp.stack(ce), jnp.stack(jnp.asarray(kl)))
