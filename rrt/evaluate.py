@@ -37,6 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shots", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
     p.add_argument("--seed", type=int, default=1234, help="seed for drawing few-shot examples")
+    p.add_argument(
+        "--max_len",
+        type=int,
+        default=2048,
+        help="few-shot: longest scored sequence (longer requests lose context on the left, as lm-eval)",
+    )
     p.add_argument("--dtype", default=None, help="cast parameters (float32, bfloat16)")
     p.add_argument("--output", default=None, help="results JSON path")
     p.add_argument("--no_progress", action="store_true")
@@ -115,6 +121,7 @@ def main(argv=None) -> int:
                 seed=args.seed,
                 batch_size=args.batch_size,
                 progress=not args.no_progress,
+                max_len=args.max_len,
             )
         )
     print(markdown_table(results))
