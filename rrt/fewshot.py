@@ -228,7 +228,7 @@ def evaluate_for_training(
     batch_size: int = 8,
     seq_len: int = 512,
 ) -> dict[str, float]:
-    """Flat scalars for a training log: eval/<task>/<metric> (last loop) and eval/<task>/loop<r>/<metric> when the
+    """Flat scalars for a training log: eval/<task>/<metric> (last loop) and eval/<task>/<metric>_loop<r> when the
     model loops more than once. A task `perplexity:<text file>` scores held-out perplexity of that file's first
     `limit` windows of `seq_len` tokens (eval/perplexity/ppl)."""
     from rrt import perplexity as perplexity_lib
@@ -244,7 +244,7 @@ def evaluate_for_training(
             for row in res["per_loop"]:
                 for m in metrics:
                     if row.get(m) is not None:
-                        flat[f"eval/{name}/loop{row['loop']}/{m}"] = float(row[m])
+                        flat[f"eval/{name}/{m}_loop{row['loop']}"] = float(row[m])
 
     fewshot_specs = []
     n_ppl = sum(spec.startswith("perplexity:") for spec in tasks)

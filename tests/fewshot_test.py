@@ -256,7 +256,7 @@ def test_evaluate_for_training_is_flat(tmp_path, tok, model):
     text = tmp_path / "heldout.txt"
     text.write_text("Once upon a time there was a dog. " * 40)
     out = fewshot.evaluate_for_training(model, tok, [f"mc:{mc}", f"perplexity:{text}"], None, limit=2, seq_len=32)
-    assert {"eval/my_mc/acc", "eval/my_mc/acc_norm", "eval/my_mc/loop1/acc", "eval/perplexity/ppl"} <= set(out)
+    assert {"eval/my_mc/acc", "eval/my_mc/acc_norm", "eval/my_mc/acc_loop1", "eval/perplexity/ppl"} <= set(out)
     assert all(isinstance(v, float) for v in out.values())
 
 
