@@ -12,7 +12,7 @@ Design notes.
 * Batching packs several requests into each row of a fixed [batch_size, T] array, with segment ids (attention never
   crosses requests and positions restart at 0, so a packed request scores as it would alone). T is the power of two
   at or above the task's longest request (capped at max_len), so one task compiles one shape; the last batch is
-  padded with empty rows. Packing is first-fit over requests sorted by decreasing length.
+  padded with empty rows. Packing is best-fit over requests sorted by decreasing length.
 * Metrics are lm-eval 0.4.13's `ConfigurableTask.process_results`: acc = argmax of summed log-probs; acc_norm =
   argmax of log-prob divided by the choice's length in *characters* (`len(choice)`, without the leading space; the
   harness's byte-normalized variant is a separate `acc_bytes` metric); LAMBADA's acc = every target token is the
@@ -23,6 +23,7 @@ Design notes.
   loop's, the full-depth model.
 """
 
+import bisect
 import math
 import os
 
@@ -73,18 +74,19 @@ def _row_len(longest: int, max_len: int) -> int:
 
 
 def pack(lengths: list[int], row_len: int) -> list[list[int]]:
-    """Request indices per row: first fit, longest first (deterministic)."""
+    """Request indices per row: best fit (the fullest row that still has room), longest first; deterministic and
+    O(N log N)-ish, for tens of thousands of requests."""
     rows: list[list[int]] = []
-    free: list[int] = []
+    free: list[tuple[int, int]] = []  # sorted (free space, row)
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for r, f in enumerate(free):
-            if lengths[i] <= f:
-                rows[r].append(i)
-                free[r] -= lengths[i]
-                break
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k < len(free):
+            space, r = free.pop(k)
         else:
-            rows.append([i])
-            free.append(row_len - lengths[i])
+            space, r = row_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        bisect.insort(free, (space - lengths[i], r))
     return rows
 
 

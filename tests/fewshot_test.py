@@ -193,8 +193,13 @@ def test_packed_batches_equal_one_request_per_row(tok, model, scorer):
     assert trunc[-1, 0] == pytest.approx(_direct(model, (ctx + cont)[-9:], len(cont), 2), abs=1e-4)
 
 
-def test_pack_is_first_fit_decreasing():
+def test_pack_is_best_fit_decreasing():
     assert fewshot.pack([5, 3, 8, 2, 7], 10) == [[2, 3], [4, 1], [0]]
+    lengths = list(np.random.default_rng(0).integers(1, 300, 5000))
+    rows = fewshot.pack(lengths, 512)
+    assert sorted(i for row in rows for i in row) == list(range(5000))
+    assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+    assert len(rows) <= 1.02 * sum(lengths) / 512 + 1
 
 
 # --- generic tasks, per-loop results, training metrics, the CLI -----------------------------------------------
