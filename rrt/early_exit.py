@@ -78,32 +78,40 @@ def fill_kv(cfg: model_lib.ModelConfig, weights: dict, h_BxD, positions_B, from_
     """The deep-KV policy: each row's entry at its position, for every depth position of loops >= from_loop_B
     (0-based; R fills nothing), becomes k/v projected from its exit hidden state h_BxD."""
     r_count, k_count = cfg.n_loops, cfg.n_shared
+    b = h_BxD.shape[0]
     shared = _shared(cfg, weights, h_BxD.dtype)
     ids = jnp.asarray(cfg.layer_ids().reshape(-1))
-    rows = jnp.arange(h_BxD.shape[0])
+    empty = jnp.zeros((k_count, b, cfg.n_kv_heads, cfg.head_dim), h_BxD.dtype)
 
-    def position(cache, l):
+    def position(_, l):
         w = {**model_lib.shared_layer(shared, ids[l]), **{n: v[l] for n, v in weights["relax"].items()}}
         k_Bx1xGxH, v_Bx1xGxH = kv_projection(cfg, w, h_BxD[:, None], positions_B[:, None])
-        write = (l // k_count >= from_loop_B)[:, None, None]
-        out = {}
-        for name, new in (("k", k_Bx1xGxH[:, 0]), ("v", v_Bx1xGxH[:, 0])):
-            old = cache[name][l, rows, positions_B]
-            out[name] = cache[name].at[l, rows, positions_B].set(jnp.where(write, new.astype(old.dtype), old))
-        return out, None
+        return None, (k_Bx1xGxH[:, 0], v_Bx1xGxH[:, 0])
 
-    def loop(cache, r):
-        def run(cache):
-            return jax.lax.scan(position, cache, r * k_count + jnp.arange(k_count))[0]
+    def loop(_, r):  # a loop that no row needs is skipped
+        run = lambda: jax.lax.scan(position, None, r * k_count + jnp.arange(k_count))[1]  # noqa: E731
+        return None, jax.lax.cond(jnp.any(from_loop_B <= r), run, lambda: (empty, empty))
 
-        return jax.lax.cond(jnp.any(from_loop_B <= r), run, lambda c: c, cache), None
-
-    return jax.lax.scan(loop, cache, jnp.arange(r_count))[0]
+    _, (k_RxKxBxGxH, v_RxKxBxGxH) = jax.lax.scan(loop, None, jnp.arange(r_count))
+    depth = jnp.arange(cfg.n_layers)[:, None]  # the cache is not a scan carry: one masked scatter at the end
+    write = (depth // k_count >= from_loop_B[None, :])[..., None, None]  # [L, B, 1, 1]
+    rows = jnp.arange(b)[None, :]
+    out = {}
+    for name, new in (("k", k_RxKxBxGxH), ("v", v_RxKxBxGxH)):
+        a = cache[name]
+        old = a[depth, rows, positions_B[None, :]]  # [L, B, G, H]
+        new = new.reshape(old.shape).astype(a.dtype)
+        out[name] = a.at[depth, rows, positions_B[None, :]].set(jnp.where(write, new, old))
+    return out
 
 
 def run_loop(cfg: model_lib.ModelConfig, weights: dict, x_BxD, loop, positions_B, cache: dict):
     """One loop (K depth positions) for every row: `loop` is a scalar or each row's own 0-based loop index [B];
-    returns (x_BxD, cache) with each row's new k/v written at (its depth position, its row, its position)."""
+    returns (x_BxD, cache) with each row's new k/v written at (its depth position, its row, its position).
+
+    The loop's K cache rows are gathered once and scanned over (the K positions' caches are distinct, so no
+    position reads what another writes); only the new entries are scattered back, so the whole cache is never
+    a scan carry (which would make XLA copy it at every position)."""
     k_count = cfg.n_shared
     per_row = jnp.ndim(loop) == 1
     shared = _shared(cfg, weights, x_BxD.dtype)
@@ -111,13 +119,18 @@ def run_loop(cfg: model_lib.ModelConfig, weights: dict, x_BxD, loop, positions_B
     rows = jnp.arange(x_BxD.shape[0])
     # cycle: position r*K + k uses layer k whatever r is, so the shared kernels are the same for every row.
     uniform_layer = cfg.strategy == "cycle" or cfg.n_shared == 1 or not per_row
+    depth_K = jnp.arange(k_count)[:, None] + (loop * k_count if per_row else jnp.full((1,), loop * k_count))[None]
+    if per_row:
+        cache_K = {n: a[depth_K, rows[None, :]] for n, a in cache.items()}  # [K, B, S, G, H]
+    else:
+        cache_K = {n: jax.lax.dynamic_slice_in_dim(a, loop * k_count, k_count) for n, a in cache.items()}
 
     def one_row(w, x_D, pos, c):
         y, c_new = model_lib.block(cfg, w, x_D[None, None], pos[None, None], None, {n: a[None] for n, a in c.items()})
         return y[0, 0], {n: a[0, pos] for n, a in c_new.items()}
 
-    def position(carry, k):
-        x, cache = carry
+    def position(x, xs):
+        k, cache_l = xs
         l = loop * k_count + k  # [B] or scalar
         relax = {n: v[l] for n, v in weights["relax"].items()}
         if not uniform_layer:  # sequence strategy, rows at different loops: each row gathers its own layer
@@ -126,12 +139,12 @@ def run_loop(cfg: model_lib.ModelConfig, weights: dict, x_BxD, loop, positions_B
             layer = model_lib.shared_layer(shared, k if cfg.strategy == "cycle" or per_row else ids[l])
         w = {**layer, **relax}
         axes = {n: (0 if per_row and (n in relax or not uniform_layer) else None) for n in w}
-        cache_l = {n: a[l, rows] if per_row else a[l] for n, a in cache.items()}
-        x, entry = jax.vmap(one_row, in_axes=(axes, 0, 0, 0))(w, x, positions_B, cache_l)
-        cache = {n: a.at[l, rows, positions_B].set(entry[n]) for n, a in cache.items()}
-        return (x, cache), None
+        return jax.vmap(one_row, in_axes=(axes, 0, 0, 0))(w, x, positions_B, cache_l)
 
-    (x_BxD, cache), _ = jax.lax.scan(position, (x_BxD, cache), jnp.arange(k_count))
+    x_BxD, entries = jax.lax.scan(position, x_BxD, (jnp.arange(k_count), cache_K))  # entries [K, B, G, H]
+    depth_KxB = jnp.broadcast_to(depth_K, (k_count, x_BxD.shape[0]))
+    pos = positions_B[None, :]
+    cache = {n: a.at[depth_KxB, rows[None, :], pos].set(entries[n].astype(a.dtype)) for n, a in cache.items()}
     return x_BxD, cache
 
 

@@ -1,0 +1,159 @@
+"""Decoding throughput: static vs continuous depth-wise batching, with and without early exit (wall clock).
+
+    python -m rrt.convert --source <SmolLM2 .gguf> --out runs/smollm2_6x5_r64 --loops 5 --rank 64
+    python -m rrt.benchmarks.decode --source runs/smollm2_6x5_r64 --thresholds 0.9,0.5,0.2 --agreement
+
+For every exit rule it measures, on the same prompts (the first `--prompt_tokens` tokens of TinyStories paragraphs,
+EOS ignored so every request generates exactly `--max_new_tokens`):
+  (a) static batching at full depth (`decode.generate`, no exit)
+  (b) static batching with early exit: a batch step runs loops until all its tokens have exited
+  (c) continuous depth-wise batching with early exit (`depthwise.generate`, `--batch` slots)
+tokens/s counts decoded tokens (the first token of each request comes from the full-depth prefill and is not
+counted; prefill time is excluded). Every configuration runs once with 2 new tokens to compile (the same shapes),
+then (a), (b), (c) run interleaved `--repeats` times and each one's fastest run is kept. Also printed: the mean
+exit depth d in loops; the agreement of (b) and (c) with full depth (`agree`: the fraction of generated tokens
+that the full-depth model picks too given the same prefix, i.e. teacher-forced on the early-exit output, since one
+differing token makes the rest of a sequence diverge; `same`: the fraction of requests whose whole output equals
+(a)'s); whether (b) and (c) give the same tokens (they must); and the speedup c/a of (c) over (a) against the
+ideal R / d (`frac` = achieved / ideal). The ideal ignores what early exit adds per loop: the LM head (final norm
+and the [D, V] matmul, 28M multiply-adds for SmolLM2, as much as 8 of its layers), the per-slot LoRA gathers and
+the deep-KV fill; the `cost model` column is the ideal with the head counted: (L layers + head) / (d (K layers +
+head)).
+"""
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rrt import checkpoints, decode, depthwise, early_exit
+from rrt import model as model_lib
+from rrt.checkpoints import gguf
+from rrt.checkpoints import tokenizer as tokenizer_lib
+
+CORPUS = "../shared/data/corpora/tinystories_val.txt"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="rrt.benchmarks.decode", description=__doc__.splitlines()[0])
+    p.add_argument("--source", default=None, help="recursive rrt dir (or any source); default: SmolLM2 GGUF")
+    p.add_argument("--corpus", default=CORPUS, help="text file; paragraphs (blank-line separated) give prompts")
+    p.add_argument("--prompts", type=int, default=16, help="number of requests")
+    p.add_argument("--prompt_tokens", type=int, default=32)
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8, help="static batch size = depth-wise slots")
+    p.add_argument("--thresholds", default="0.9", help="comma-separated max_prob thresholds")
+    p.add_argument("--agreement", action="store_true", help="also the agreement rule (argmax equals last loop's)")
+    p.add_argument("--n_steps", type=int, default=1, help="engine steps per device call")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dtype", default=None, help="cast parameters (float32, bfloat16)")
+    return p.parse_args(argv)
+
+
+def load_prompts(path: str, tok, n: int, length: int) -> list[list[int]]:
+    """The first `length` tokens of the first `n` paragraphs that have at least that many."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: corpus not found (run from the project root or pass --corpus)")
+    with open(path, encoding="utf-8") as f:
+        paragraphs = [p.strip() for p in f.read().split("\n\n") if p.strip()]
+    out = []
+    for ids in tok.encode_batch(paragraphs):
+        if len(ids) >= length:
+            out.append(ids[:length])
+            if len(out) == n:
+                return out
+    raise ValueError(f"{path}: only {len(out)} paragraphs have {length} tokens; need {n}")
+
+
+def fastest(runs: dict, repeats: int) -> dict:
+    """Compiles each run with 2 new tokens (the same shapes), then runs them interleaved `repeats` times (so load
+    from other processes hits them alike) and keeps each one's fastest."""
+    for run in runs.values():
+        run(2)
+    best = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            out = run(None)
+            if name not in best or out.decode_seconds < best[name].decode_seconds:
+                best[name] = out
+    return best
+
+
+def decoded(out: decode.Generation) -> int:
+    return sum(len(t) - 1 for t in out.tokens)
+
+
+def full_depth_argmax(model: model_lib.Decoder, prompts, outputs) -> list[np.ndarray]:
+    """For each request, the full-depth model's greedy token after every prefix of its own output."""
+    graphdef, state = nnx.split(model)
+    seqs = [p + t[:-1] for p, t in zip(prompts, outputs)]
+    tokens_BxT, _ = decode.padded_prompts(seqs, len(seqs))
+    logits = jax.jit(lambda s, t: jnp.argmax(nnx.merge(graphdef, s)(t), -1))(state, tokens_BxT)
+    return [np.asarray(logits[i, len(p) - 1 : len(p) - 1 + len(t)]) for i, (p, t) in enumerate(zip(prompts, outputs))]
+
+
+def agreement(model, prompts, out: decode.Generation, ref: decode.Generation) -> tuple[float, float]:
+    """(fraction of generated tokens that the full-depth model would also pick given the same prefix, fraction
+    of requests whose output equals the full-depth decoding's). Greedy only."""
+    want = full_depth_argmax(model, prompts, out.tokens)
+    same = np.concatenate([np.asarray(t) == w for t, w in zip(out.tokens, want)])
+    return float(same.mean()), float(np.mean([a == b for a, b in zip(out.tokens, ref.tokens)]))
+
+
+def head_cost_ideal(cfg: model_lib.ModelConfig, depth: float) -> float:
+    """Ideal speedup counting multiply-adds of the layers and the head (LoRA, attention and fill ignored)."""
+    layer = sum(i * o for i, o in cfg.projections().values())
+    head = cfg.d_model * cfg.vocab_size
+    return (cfg.n_layers * layer + head) / (depth * (cfg.n_shared * layer + head))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    source = args.source or gguf.smollm2_gguf_path()
+    cfg, params = checkpoints.load(source, dtype=args.dtype)
+    model = model_lib.from_params(cfg, params)
+    tok = tokenizer_lib.load_tokenizer(source)
+    prompts = load_prompts(args.corpus, tok, args.prompts, args.prompt_tokens)
+    max_len = decode.cache_length(prompts, args.max_new_tokens)
+    r = cfg.n_loops
+    print(f"model {source}: {cfg.n_shared} shared layers x {r} loops ({cfg.strategy}), LoRA rank "
+          f"{cfg.rank_attn}/{cfg.rank_mlp}; {len(prompts)} requests of {args.prompt_tokens} tokens, "
+          f"{args.max_new_tokens} new tokens each, batch/slots {args.batch}, cache {max_len}")  # fmt: skip
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+    def static(rule):
+        return lambda n: decode.generate(model, prompts, n or args.max_new_tokens, rule=rule,
+                                         batch_size=args.batch, max_len=max_len)  # fmt: skip
+
+    def engine(rule):
+        return lambda n: depthwise.generate(model, prompts, n or args.max_new_tokens, slots=args.batch, rule=rule,
+                                            max_len=max_len, n_steps=args.n_steps)  # fmt: skip
+
+    t0 = time.perf_counter()
+    rules = [early_exit.ExitRule("max_prob", float(t)) for t in args.thresholds.split(",") if t]
+    rules += [early_exit.ExitRule("agreement")] if args.agreement else []
+    print(
+        f"{'rule':>16} | {'(a) tok/s':>9} | {'(b) tok/s':>9} {'agree':>5} {'same':>4} | {'(c) tok/s':>9} "
+        f"{'agree':>5} {'same':>4} {'b==c':>4} | {'d':>5} {'R/d':>5} {'c/a':>5} {'frac':>5} {'cost model':>10}"
+    )
+    for rule in rules:
+        out = fastest({"a": static(None), "b": static(rule), "c": engine(rule)}, args.repeats)
+        full, b, c = out["a"], out["b"], out["c"]
+        depth = float(np.mean(np.concatenate([x[1:] for x in c.loops])))
+        a_tps, b_tps, c_tps = (decoded(x) / x.decode_seconds for x in (full, b, c))
+        (b_agree, b_same), (c_agree, c_same) = agreement(model, prompts, b, full), agreement(model, prompts, c, full)
+        name = f"max_prob>={rule.threshold:g}" if rule.kind == "max_prob" else "agreement"
+        ideal, speedup = r / depth, c_tps / a_tps
+        print(f"{name:>16} | {a_tps:9.1f} | {b_tps:9.1f} {b_agree:5.2f} {b_same:4.2f} | {c_tps:9.1f} {c_agree:5.2f} "
+              f"{c_same:4.2f} {str(b.tokens == c.tokens):>4} | {depth:5.2f} {ideal:5.2f} {speedup:5.2f} "
+              f"{speedup / ideal:5.2f} {head_cost_ideal(cfg, depth):10.2f}", flush=True)  # fmt: skip
+    print(f"load average {os.getloadavg()[0]:.1f}; total {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
