@@ -1,0 +1,53 @@
+"""The paper's findings at small scale: SmolLM2-135M (30 layers) as 15 x 2 recursive models, each uptrained briefly.
+
+    python launch/reproduce.py --out runs/reproduce                     # all 15 runs, evals, docs/RESULTS.md
+    python launch/reproduce.py --out runs/reproduce --dry-run           # the variants and their command lines
+    python launch/reproduce.py --out runs/reproduce_gpu --budget_scale 100   # a GPU/TPU: 100x the tokens and evals
+    python -m rrt.train --config configs/reproduce.py --workdir W [--config.x=y ...]   # one run (what it launches)
+
+launch/reproduce.py trains 15 runs of this config that differ only by their `--config.recursion.*` and
+`--config.loss.*` overrides (the original model; strict CYCLE with 4 inits; SEQUENCE with its best init; relaxed
+ranks 16/64/256 x SVD/zero LoRA init; relaxed Stepwise; distillation; early exit), all with the same token budget.
+
+Budget (the default, sized for 2 CPU cores): 16 steps of 4 x 256 tokens = 16,384 tokens per run (246k over the 15
+runs). Each model is evaluated before and after uptraining on 16 windows of 256 tokens of each held-out tail
+(TinyStories, Shakespeare: 4,096 tokens each) and on the first 20 items of each of the seven tasks, 0-shot.
+
+Cost, estimated from CPU time measured on this 2-core AMD EPYC VM (it was never quiet, so wall time could not be
+measured directly): a training step takes ~25-30 CPU-seconds (~1 TFLOP: 135M parameters, 1,024 tokens, float32), so
+~15 s on 2 quiet cores; one evaluation ~150 CPU-seconds. 15 runs x 16 steps (~1 h), 28 evaluations (~40 min) and
+start-up, conversion and compilation (~10 min) come to about 1 h 55 min. The evaluations are ~40% of it: the step
+count is what the 2-hour budget leaves. `--budget_scale X` multiplies the steps, warmup, checkpoint interval, task
+items and perplexity windows by X.
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.source = "smollm2"  # the packaged SmolLM2-135M GGUF
+    # The model-defining fields (loops, strategy, init, ranks, lora_init) are set by every variant explicitly.
+    c.recursion.loops = 2  # 15 shared layers x 2 loops
+    c.recursion.strategy = "cycle"
+    c.recursion.init = "stepwise"
+    c.data.seq_len = 256
+    c.data.global_batch_size = 4
+    c.steps = 16  # the default (2-CPU) budget: 16 x 4 x 256 = 16,384 tokens per run
+    c.optim.lr = 1e-4  # shared weights and embeddings
+    c.optim.lora_lr = 3e-4  # LoRA factors (relaxed variants)
+    c.optim.warmup_steps = 2
+    c.optim.weight_decay = 0.0
+    c.loss.log_all_loops = False  # intermediate loops are scored by the driver's evals (saves a head forward)
+    c.checkpoint_every = 8  # one mid-run checkpoint to resume from; the final one marks the run finished
+    c.keep_checkpoints = 1  # ~1.6 GB each (params + Adam state)
+    c.log_every = 1
+    c.async_checkpoint = False
+    # launch/reproduce.py evaluates each model before and after uptraining: every source's held-out tail, 7 tasks.
+    c.eval.heldout = ""  # so rrt.train's own final evaluation is skipped (the driver's after-eval covers it)
+    c.eval.tasks = ""
+    c.eval.max_windows = 16  # perplexity windows of eval.seq_len tokens per held-out tail
+    c.eval.seq_len = 256
+    c.eval.limit = 20  # items per task (the first `limit` of each file)
+    c.eval.shots = 0
+    return c
