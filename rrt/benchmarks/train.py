@@ -1,0 +1,311 @@
+"""Training-step benchmark on this CPU: `python -m rrt.benchmarks.train` (about 15 minutes on 2 idle cores).
+
+One run prints, for the SmolLM2-135M shape (V 49152, D 576, L 30, 9 heads / 3 KV heads of 64, F 1536, tied, rope
+theta 1e5) at batch 4 x 256 tokens in float32, the real step (`rrt.train.train_step`: loss over every loop's exit,
+gradients, global-norm clipping, AdamW):
+  throughput  tokens/s and MFU of the vanilla 30-layer step; MFU against the float32 matmul peak measured in the
+              same run (`rrt.flops.measure_matmul_peak`), FLOPs from `rrt.flops` (matmuls only, remat not counted)
+  torch       the same step in Hugging Face transformers (LlamaForCausalLM, AdamW, clipping, float32, all cores)
+  recursion   the strict 15 x 2 recursive step over the vanilla step (same FLOPs but for the extra exit head)
+  compile     compile time of 15 x 8 over 15 x 2 (K = 15 shared layers, B = 8 vs 2 loops): the scans keep it flat
+  memory      peak RSS of a fresh process running one step, and XLA's own account of the step (arguments + temps),
+              for vanilla, strict 15 x 2 and relaxed rank-64 15 x 2, remat none and full; parameter and AdamW-state
+              bytes of each
+Targets (printed beside each number): MFU >= 50% of the measured peak, >= 1.3x PyTorch, recursive / vanilla <= 1.05,
+compile ratio <= 1.2, recursive memory <= vanilla. Timings are medians over --steps steps after one warm-up step;
+other load on the machine moves them (the script prints the load average it started under).
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rrt import flops as flops_lib
+from rrt import model as model_lib
+from rrt import optim, train
+
+SMOLLM2 = model_lib.ModelConfig(
+    vocab_size=49152,
+    d_model=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    head_dim=64,
+    d_ff=1536,
+    rope_theta=100000.0,
+    tie_embeddings=True,
+)
+VARIANTS = {
+    "vanilla": {},
+    "recursive": {"n_loops": 2},
+    "relaxed64": {"n_loops": 2, "rank_attn": 64, "rank_mlp": 64, "per_position_norms": True},
+}
+
+
+def variant(name: str, remat: str = "none", **changes) -> model_lib.ModelConfig:
+    return dataclasses.replace(SMOLLM2, remat=remat, **VARIANTS[name], **changes)
+
+
+def make_batch(b: int, t: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    tokens = np.random.default_rng(seed).integers(0, vocab, (b, t + 1)).astype(np.int32)
+    ones = np.ones((b, t), np.int32)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": ones,
+        "positions": np.cumsum(ones, axis=1, dtype=np.int32) - 1,
+        "loss_mask": ones.astype(np.float32),
+    }
+
+
+def step_fn(cfg: model_lib.ModelConfig, params, log_all_loops: bool = True):
+    """(jitted train step, optimizer) exactly as rrt.train builds it on one device."""
+    graphdef = nnx.split(model_lib.abstract(cfg))[0]
+    opt, _ = optim.make(optim.OptimConfig(total_steps=1000, warmup_steps=10), params)
+    loss_cfg = train.LossConfig(log_all_loops=log_all_loops, remat_head=cfg.remat != "none")
+    fn = functools.partial(
+        train.train_step,
+        opt=opt,
+        n_micro=1,
+        n_loops=cfg.n_loops,
+        graphdef=graphdef,
+        teacher_graphdef=None,
+        loss_cfg=loss_cfg,
+        constrain=None,
+    )
+    return jax.jit(fn, donate_argnums=(0, 1)), opt
+
+
+def init_params(cfg: model_lib.ModelConfig) -> dict:
+    return nnx.to_pure_dict(nnx.split(model_lib.Decoder(cfg, rngs=nnx.Rngs(0)))[1])
+
+
+def abstract_params(cfg: model_lib.ModelConfig) -> dict:
+    return nnx.to_pure_dict(nnx.split(model_lib.abstract(cfg))[1])
+
+
+def state_bytes(cfg: model_lib.ModelConfig) -> tuple[int, int]:
+    """(parameter bytes, optimizer-state bytes), from shapes only."""
+    params = abstract_params(cfg)
+    opt, _ = optim.make(optim.OptimConfig(total_steps=1000, warmup_steps=10), params)
+    nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))  # noqa: E731
+    return nbytes(params), nbytes(jax.eval_shape(opt.init, params))
+
+
+def time_jax(cfg, b: int, t: int, steps: int, log_all_loops: bool = True) -> dict:
+    """{"compile_s", "step_s": [...]} of the real step."""
+    params = init_params(cfg)
+    fn, opt = step_fn(cfg, params, log_all_loops)
+    opt_state = opt.init(params)
+    batch = jax.tree.map(jnp.asarray, make_batch(b, t, cfg.vocab_size))
+    start = time.perf_counter()
+    compiled = fn.lower(params, opt_state, None, batch).compile()
+    compile_s = time.perf_counter() - start
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        params, opt_state, metrics = compiled(params, opt_state, None, batch)
+        jax.block_until_ready((params, opt_state, metrics))
+        if i:  # the first step is the warm-up
+            times.append(time.perf_counter() - start)
+    assert np.isfinite(float(metrics["loss"])), metrics
+    return {"compile_s": compile_s, "step_s": times}
+
+
+def time_torch(b: int, t: int, steps: int) -> dict:
+    """The same step in transformers: forward + loss, backward, clip to norm 1, AdamW."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    c = SMOLLM2
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.d_model,
+        intermediate_size=c.d_ff,
+        num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads,
+        head_dim=c.head_dim,
+        rope_theta=c.rope_theta,
+        rms_norm_eps=c.norm_eps,
+        tie_word_embeddings=True,
+        max_position_embeddings=max(2048, t),
+    )
+    model = transformers.LlamaForCausalLM(hf_cfg).float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ids = torch.as_tensor(make_batch(b, t, c.vocab_size)["inputs"], dtype=torch.long)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        step()
+        if i:
+            times.append(time.perf_counter() - start)
+    return {"step_s": times, "threads": torch.get_num_threads()}
+
+
+def compile_seconds(cfg: model_lib.ModelConfig, b: int, t: int) -> dict:
+    """Trace + lower and XLA compile times of the step (abstract parameters: nothing is allocated)."""
+    params = abstract_params(cfg)
+    fn, opt = step_fn(cfg, params)
+    opt_state = jax.eval_shape(opt.init, params)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in make_batch(b, t, cfg.vocab_size).items()}
+    start = time.perf_counter()
+    lowered = fn.lower(params, opt_state, None, batch)
+    lower_s = time.perf_counter() - start
+    lowered.compile()
+    return {"lower_s": lower_s, "compile_s": time.perf_counter() - start - lower_s}
+
+
+def memory_probe(name: str, remat: str, b: int, t: int) -> dict:
+    """Run in a fresh process: compile and run one step; peak RSS after compiling and after the step."""
+    cfg = variant(name, remat)
+    params = init_params(cfg)
+    fn, opt = step_fn(cfg, params)
+    opt_state = opt.init(params)
+    batch = jax.tree.map(jnp.asarray, make_batch(b, t, cfg.vocab_size))
+    compiled = fn.lower(params, opt_state, None, batch).compile()
+    rss_compiled = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = compiled(params, opt_state, None, batch)
+    jax.block_until_ready(out)
+    rss_step = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    mem = compiled.memory_analysis()
+    xla = None
+    if mem is not None:
+        xla = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    return {"rss_compiled": rss_compiled, "rss_step": rss_step, "xla_step": xla}
+
+
+def measure_memory(name: str, remat: str, b: int, t: int) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "rrt.benchmarks.train",
+        "--memory_probe",
+        f"{name}:{remat}",
+        f"--batch={b}",
+        f"--seq={t}",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"memory probe {name}:{remat} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def mark(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: torch,recursion,compile,memory")
+    p.add_argument("--memory_probe", default="", help=argparse.SUPPRESS)  # internal: name:remat
+    a = p.parse_args()
+    b, t = a.batch, a.seq
+    if a.memory_probe:
+        name, remat = a.memory_probe.split(":")
+        print(json.dumps(memory_probe(name, remat, b, t)))
+        return
+    skip = set(a.skip.split(",")) - {""}
+    gib = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
+    print(
+        f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores; jax {jax.__version__} "
+        f"({jax.devices()[0].device_kind}); SmolLM2-135M shape, batch {b} x {t}, float32",
+        flush=True,
+    )
+    peak = flops_lib.measure_matmul_peak(dtype=jnp.float32, seconds=2.0)
+    print(f"measured float32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s", flush=True)
+
+    tokens = b * t
+    vanilla = variant("vanilla")
+    v = time_jax(vanilla, b, t, a.steps)
+    v_tok_s = tokens / median(v["step_s"])
+    mfu = v_tok_s * flops_lib.train_flops_per_token(vanilla, t, 1) / peak
+    print(
+        f"vanilla 30 layers   step {median(v['step_s']):.2f} s (min {min(v['step_s']):.2f}), {v_tok_s:.0f} tokens/s, "
+        f"MFU {mfu:.1%} of the measured peak [target >= 50%: {mark(mfu >= 0.5)}]; compile {v['compile_s']:.1f} s",
+        flush=True,
+    )
+
+    if "torch" not in skip:
+        pt = time_torch(b, t, a.steps)
+        ratio = median(pt["step_s"]) / median(v["step_s"])
+        print(
+            f"torch (transformers, {pt['threads']} threads) step {median(pt['step_s']):.2f} s: JAX is {ratio:.2f}x "
+            f"faster [target >= 1.3x: {mark(ratio >= 1.3)}]",
+            flush=True,
+        )
+
+    if "recursion" not in skip:
+        for log_all in (True, False):
+            r = time_jax(variant("recursive"), b, t, a.steps, log_all_loops=log_all)
+            ratio = median(r["step_s"]) / median(v["step_s"])
+            what = "both exits' heads (default)" if log_all else "last exit's head only (loss.log_all_loops=False)"
+            print(
+                f"recursive 15 x 2, {what}: step {median(r['step_s']):.2f} s, {ratio:.3f}x vanilla "
+                f"[target <= 1.05: {mark(ratio <= 1.05)}]",
+                flush=True,
+            )
+
+    if "compile" not in skip:
+        c2 = compile_seconds(variant("recursive"), b, t)
+        c8 = compile_seconds(variant("recursive", n_layers=120, n_loops=8), b, t)
+        ratio = (c8["lower_s"] + c8["compile_s"]) / (c2["lower_s"] + c2["compile_s"])
+        print(
+            f"compile 15 x 2: trace {c2['lower_s']:.1f} s + XLA {c2['compile_s']:.1f} s; 15 x 8: trace "
+            f"{c8['lower_s']:.1f} s + XLA {c8['compile_s']:.1f} s; ratio {ratio:.2f} [target <= 1.2: "
+            f"{mark(ratio <= 1.2)}]",
+            flush=True,
+        )
+
+    if "memory" not in skip:
+        print(
+            f"{'memory':22s} {'params':>10s} {'AdamW':>10s} {'RSS compiled':>13s} {'RSS step':>10s} {'XLA step':>10s}"
+        )
+        results = {}
+        for name in VARIANTS:
+            pb, ob = state_bytes(variant(name))
+            for remat in ("none", "full"):
+                m = results[name, remat] = measure_memory(name, remat, b, t)
+                xla = gib(m["xla_step"]) if m["xla_step"] is not None else "n/a"
+                print(
+                    f"{name + ', remat ' + remat:22s} {gib(pb):>10s} {gib(ob):>10s} {gib(m['rss_compiled']):>13s} "
+                    f"{gib(m['rss_step']):>10s} {xla:>10s}",
+                    flush=True,
+                )
+        for remat in ("none", "full"):
+            key = "xla_step" if results["vanilla", remat]["xla_step"] is not None else "rss_step"
+            ok = results["recursive", remat][key] <= results["vanilla", remat][key]
+            print(f"recursive <= vanilla memory (remat {remat}, {key}): {mark(ok)}")
+
+
+if __name__ == "__main__":
+    main()

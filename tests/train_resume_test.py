@@ -1,0 +1,184 @@
+"""Rerunning the same command resumes the same run: after SIGKILL anywhere (also mid-save), after SIGTERM, on
+another mesh; and a diverging run stops naming the step, its last good checkpoint restorable.
+
+"The same run" is checked strictly: metrics.jsonl of the interrupted run (truncated to the restored step by
+train.Logger, so every step appears once) equals an uninterrupted run's, and every checkpoint left behind restores
+completely (params, optimizer state, metadata, data-iterator state) with finite values.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+import trainrun
+from flax import nnx
+
+from rrt import checkpoint as ckpt_lib
+from rrt import model as model_lib
+from rrt import optim, sharding
+from rrt.checkpoints import rrt_dir
+
+
+def restore_every_step(workdir) -> dict[int, dict]:
+    """{step: params} for every checkpoint in the workdir, each restored completely on this process's 1 device."""
+    cfg = model_lib.ModelConfig.from_dict(rrt_dir.read_meta(str(workdir))["model"])
+    with open(os.path.join(workdir, "config.json")) as f:
+        c = json.load(f)
+    params = nnx.to_pure_dict(nnx.split(model_lib.abstract(cfg))[1])
+    opt, _ = optim.make(optim.OptimConfig(**c["optim"], total_steps=c["steps"]), params)
+    abstract_opt = jax.eval_shape(opt.init, params)
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    param_sh = sharding.param_shardings(params, mesh)
+    opt_sh = sharding.opt_state_shardings(opt, abstract_opt, param_sh, mesh)
+    with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)  # noqa: E731
+    mngr = ckpt_lib.manager(str(workdir), 1, None, async_save=False)
+    out = {}
+    try:
+        steps = list(mngr.all_steps())
+        assert sorted(steps) == trainrun.checkpoint_steps(workdir), "the manager and the directory disagree"
+        for step in steps:
+            p, o, meta, data = ckpt_lib.restore(mngr, step, with_sh(params, param_sh), with_sh(abstract_opt, opt_sh))
+            assert meta["step"] == step and data["fingerprint"], (step, meta)
+            for leaf in jax.tree.leaves((p, o)):
+                assert np.all(np.isfinite(np.asarray(leaf))), f"step {step}: non-finite values"
+            out[step] = jax.tree.map(np.asarray, p)
+    finally:
+        mngr.close()
+    return out
+
+
+def assert_same_params(a: dict, b: dict, rtol=1e-5) -> None:
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    """lr = 1e30: the first real update (step 2) blows the weights up, step 3's gradients are NaN (its loss is
+    still finite: RMSNorm maps inf to 0). The run stops there with an error naming step 3 and checkpoint 2."""
+    workdir = tmp_path / "nan"
+    rc = trainrun.run(
+        workdir, "--config.optim.lr=1e30", "--config.checkpoint_every=1", "--config.async_checkpoint=true", check=False
+    )
+    log = trainrun.tail(f"{workdir}.log", 20_000)
+    assert rc != 0, log
+    assert re.search(r"FloatingPointError: non-finite loss \S+ or gradient norm \S+ at step 3;", log), log[-3000:]
+    assert "last good checkpoint (step 2)" in log, log[-3000:]
+    assert sorted(trainrun.metrics(workdir)) == [1, 2]
+    restored = restore_every_step(workdir)
+    assert sorted(restored) == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interruptions. The uninterrupted reference runs first: it also fills the compilation cache, so reruns start fast.
+
+SAVE_EVERY_STEP = ("--config.async_checkpoint=true", "--config.checkpoint_every=1", "--config.keep_checkpoints=100")
+
+
+def saving_now(workdir) -> bool:
+    d = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(d) and any("tmp" in n for n in os.listdir(d))
+
+
+def logged_steps(workdir) -> int:
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            return sum(1 for line in f if '"loss"' in line)
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tmp_path):
+    steps = 10
+    reference = tmp_path / "reference"
+    trainrun.run(reference, *SAVE_EVERY_STEP, steps=steps)
+
+    workdir = tmp_path / "killed"
+    rng = random.Random(0)
+    # Where each attempt is killed: during a checkpoint save (a temporary step directory exists), at a random moment
+    # after a step, at a random moment of startup (restore, compilation); then the run is left to finish.
+    plan = ["save", "step", "startup", "save", "step", "save"]
+    kills = []
+    for when in [*plan, None]:
+        proc = trainrun.start(workdir, *SAVE_EVERY_STEP, steps=steps)
+        if when is None:
+            assert trainrun.finish(proc) == 0, trainrun.tail(f"{workdir}.log")
+            break
+        before = logged_steps(workdir)
+        if when == "save":
+            hit = trainrun.wait_for(lambda p=proc: saving_now(workdir) or p.poll() is not None, 900, interval=0.02)
+        elif when == "step":
+            hit = trainrun.wait_for(lambda p=proc, n=before: logged_steps(workdir) > n or p.poll() is not None, 900)
+            time.sleep(rng.uniform(0, 2))
+        else:
+            time.sleep(rng.uniform(1, 15))
+            hit = True
+        in_save = saving_now(workdir)
+        if proc.poll() is not None:  # finished (or failed) before the kill
+            assert proc.returncode == 0, trainrun.tail(f"{workdir}.log")
+            break
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills.append((when, hit, in_save, logged_steps(workdir), trainrun.checkpoint_steps(workdir)[-1:]))
+    print("kills (when, reached, mid-save, logged steps, newest checkpoint):", kills)
+    assert len(kills) >= 4, kills
+    assert any(k[2] for k in kills), f"no kill landed during a save: {kills}"
+
+    trainrun.assert_same_losses(trainrun.metrics(workdir), trainrun.metrics(reference), rtol=1e-6)
+    restored, want = restore_every_step(workdir), restore_every_step(reference)
+    assert max(restored) == steps
+    assert_same_params(restored[steps], want[steps], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_zero_and_rerun_resumes(tmp_path):
+    steps = 8
+    args = ("--config.checkpoint_every=100",)  # only the first step, SIGTERM and the end save
+    reference = tmp_path / "reference"
+    trainrun.run(reference, *args, steps=steps)
+
+    workdir = tmp_path / "preempted"
+    proc = trainrun.start(workdir, *args, steps=steps)
+    assert trainrun.wait_for(lambda: logged_steps(workdir) >= 2 or proc.poll() is not None, 900)
+    proc.send_signal(signal.SIGTERM)
+    assert trainrun.finish(proc) == 0, trainrun.tail(f"{workdir}.log")
+    log = trainrun.tail(f"{workdir}.log", 50_000)
+    m = re.search(r"preempted \(SIGTERM\): checkpoint saved at step (\d+)", log)
+    assert m, log[-3000:]
+    stopped = int(m.group(1))
+    assert 2 <= stopped < steps
+    assert trainrun.checkpoint_steps(workdir)[-1] == stopped == max(trainrun.metrics(workdir))
+
+    trainrun.run(workdir, *args, steps=steps)
+    assert f"resumed from step {stopped} of" in trainrun.tail(f"{workdir}.log", 100_000)
+    trainrun.assert_same_losses(trainrun.metrics(workdir), trainrun.metrics(reference), rtol=1e-6)
+    assert_same_params(restore_every_step(workdir)[steps], restore_every_step(reference)[steps], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_checkpoint_from_8_devices_resumes_on_1_device_and_on_2x2(tmp_path):
+    """3 steps on (1, 8, 1); the same workdir rerun for 6 steps on 1 device, and on a (2, 2, 1) mesh of 4 devices,
+    equals 6 uninterrupted steps. (A constant schedule, so that the lengthened run has the same learning rates.)"""
+    args = ("--config.optim.schedule=constant",)
+    reference = tmp_path / "reference"
+    trainrun.run(reference, *args, "--config.mesh=1,1,1", devices=1, steps=6)
+    eight = tmp_path / "eight"
+    trainrun.run(eight, *args, "--config.mesh=1,8,1", devices=8, steps=3)
+    assert trainrun.saved_specs(eight, 3)["layers.q"] == [None, "fsdp", None]
+    for name, mesh, devices, spec in (
+        ("one", "1,1,1", 1, [None, None, None]),
+        ("two", "2,2,1", 4, [None, "fsdp", None]),
+    ):
+        workdir = tmp_path / name
+        shutil.copytree(eight, workdir)
+        trainrun.run(workdir, *args, f"--config.mesh={mesh}", devices=devices, steps=6)
+        assert "resumed from step 3 of" in trainrun.tail(f"{workdir}.log", 100_000)
+        trainrun.assert_same_losses(trainrun.metrics(workdir), trainrun.metrics(reference))
+        assert trainrun.saved_specs(workdir, 6)["layers.q"] == spec

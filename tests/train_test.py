@@ -1,0 +1,123 @@
+"""Training on fake CPU devices: 8 devices as (data, fsdp, tensor) = (8,1,1), (1,8,1), (2,2,2) train like 1 device;
+the tiny config really is sharded; gather_shared gathers the shared block once per step (counted in the HLO).
+
+Device counts are per process, fixed before JAX starts, so everything with 8 devices runs in a subprocess and this
+file's own process keeps the 1 device the other tests use.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import trainrun
+
+from rrt import train
+
+SHARDING_PROBE = """
+import json, jax
+from flax import nnx
+from configs import tiny
+from rrt import model as model_lib, optim, sharding, train
+c = tiny.get_config()
+cfg, _ = train.model_config(c, None)
+params = nnx.to_pure_dict(nnx.split(model_lib.abstract(cfg))[1])
+opt, _ = optim.make(optim.OptimConfig(total_steps=10, warmup_steps=1), params)
+abstract_opt = jax.eval_shape(opt.init, params)
+out = {}
+for mesh_shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2)]:
+    mesh = sharding.make_mesh(mesh_shape)
+    psh = sharding.param_shardings(params, mesh)
+    osh = sharding.opt_state_shardings(opt, abstract_opt, psh, mesh)
+    spec = lambda s: [list(a) if isinstance(a, tuple) else a for a in s.spec]
+    out[str(mesh_shape)] = {
+        "params": {jax.tree_util.keystr(p): spec(s) for p, s in jax.tree_util.tree_leaves_with_path(psh)},
+        "opt": {jax.tree_util.keystr(p): spec(s) for p, s in jax.tree_util.tree_leaves_with_path(osh)},
+        "devices": sorted({len(s.device_set) for s in jax.tree.leaves(osh)}),
+    }
+print(json.dumps(out))
+"""
+
+
+def test_tiny_config_is_really_sharded():
+    """The tiny config's dims divide the meshes: big weights and their Adam moments are split, not replicated."""
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDING_PROBE], env=trainrun.env(8), cwd=trainrun.REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    specs = json.loads(out.stdout.strip().splitlines()[-1])
+    fsdp, both = specs["(1, 8, 1)"]["params"], specs["(2, 2, 2)"]["params"]
+    assert fsdp["['embed']"] == [None, "fsdp"] and both["['embed']"] == ["tensor", "fsdp"]
+    for w in ("q", "k", "v", "gate", "up"):  # [K, D, out]: D over fsdp, heads / MLP width over tensor
+        assert fsdp[f"['layers']['{w}']"] == [None, "fsdp", None], w
+        assert both[f"['layers']['{w}']"] == [None, "fsdp", "tensor"], w
+    for w in ("o", "down"):  # [K, in, D]
+        assert fsdp[f"['layers']['{w}']"] == [None, None, "fsdp"], w
+        assert both[f"['layers']['{w}']"] == [None, "tensor", "fsdp"], w
+    assert both["['relax']['q_a']"] == [None, "fsdp", None]  # LoRA: rank replicated
+    assert both["['layers']['attn_norm']"] == [None, None]
+    # Pure data parallel replicates everything.
+    assert all(s == [None] * len(s) for s in specs["(8, 1, 1)"]["params"].values())
+    # Adam moments follow their parameters; every leaf of the state lives on all 8 devices.
+    for mesh in ("(1, 8, 1)", "(2, 2, 2)"):
+        mu = {k: v for k, v in specs[mesh]["opt"].items() if ".mu['layers']['q']" in k}
+        assert list(mu.values()) == [specs[mesh]["params"]["['layers']['q']"]], mu
+        assert specs[mesh]["devices"] == [8]
+
+
+def test_logger_drops_records_after_the_restored_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 10.0 - s}) + "\n" for s in range(1, 6)))
+    logger = train.Logger(str(tmp_path), resume_step=3)
+    logger.write(4, {"loss": 1.5})
+    logger.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 1.5)]
+
+
+@pytest.mark.slow
+def test_gather_shared_gathers_the_shared_block_once():
+    """tests/allgather_count.py on the (1, 8, 1) mesh: executed all-gathers of the shared weights drop from one per
+    depth position and pass (2 * L * 7 projections) to one per step (7), and nothing else changes."""
+    out = subprocess.run(
+        [sys.executable, os.path.join(trainrun.REPO, "tests", "allgather_count.py"), "--mesh=1,8,1"],
+        env=trainrun.env(1),
+        cwd=trainrun.REPO,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    off, on = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
+    assert (off["gather_shared"], on["gather_shared"]) == (False, True)
+
+    def shared(result):  # gathers of one layer's [I, O] weight (per position) or of the whole [K, I, O] stack
+        io = {(64, 64), (64, 32), (64, 128), (128, 64)}
+        dims = lambda s: tuple(int(d) for d in s[s.index("[") + 1 : -1].split(","))  # noqa: E731
+        return sum(n for s, n in result["all-gather"]["by_shape"].items() if dims(s)[-2:] in io and len(dims(s)) < 4)
+
+    L, projections = 4, 7
+    assert shared(off) == 2 * L * projections, off
+    assert shared(on) == projections, on
+    assert on["all-gather"]["ops"] == off["all-gather"]["ops"] - 2 * L * projections + projections
+    assert on["all-gather"]["bytes"] < off["all-gather"]["bytes"]
+    # No activation is ever gathered (the [B, T, D] hidden state stays batch-sharded).
+    assert not any(s.startswith("f32[8,") for s in {**off["all-gather"]["by_shape"], **on["all-gather"]["by_shape"]})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["8,1,1", "1,8,1", "2,2,2"])
+def test_eight_devices_train_like_one(tmp_path_factory, mesh):
+    """5 steps on 8 fake devices give the losses (every loop's) and gradient norms of 1 device, relative 1e-5; the
+    checkpoint records that the run's parameters and optimizer state were really sharded."""
+    reference = tmp_path_factory.getbasetemp() / "one_device"
+    if not (reference / "metrics.jsonl").exists():
+        trainrun.run(reference, "--config.mesh=1,1,1", devices=1)
+    workdir = tmp_path_factory.mktemp("mesh")
+    trainrun.run(workdir, f"--config.mesh={mesh}", devices=8)
+    trainrun.assert_same_losses(trainrun.metrics(workdir), trainrun.metrics(reference))
+    params, opt = trainrun.saved_specs(workdir, 5), trainrun.saved_specs(workdir, 5, "opt_state")
+    want = {"8,1,1": [None, None, None], "1,8,1": [None, "fsdp", None], "2,2,2": [None, "fsdp", "tensor"]}[mesh]
+    assert params["layers.q"] == want
+    assert {tuple(v) for k, v in opt.items() if k.endswith("layers.q")} == {tuple(want)}
