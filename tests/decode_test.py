@@ -158,3 +158,16 @@ def test_sampling_filters():
     assert abs((free == 3).mean() - 0.05) < 0.02
     again = np.asarray(sample(decode.Sampling(1.0), logits, keys))
     assert (free == again).all()  # same keys, same draws
+
+
+@pytest.mark.slow
+def test_smollm2_knows_the_capital_of_france():
+    from rrt import checkpoints
+    from rrt.checkpoints import gguf
+    from rrt.checkpoints import tokenizer as tokenizer_lib
+
+    path = gguf.smollm2_gguf_path()
+    cfg, params = checkpoints.load(path)
+    tok = tokenizer_lib.load_tokenizer(path)
+    out = decode.generate(model_lib.from_params(cfg, params), [tok.encode("The capital of France is")], 8)
+    assert "Paris" in tok.decode(out.tokens[0])
