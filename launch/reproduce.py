@@ -598,7 +598,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             driver.train(v)
             driver.after(v)
         _say(f"all {len(chosen)} variants done in {time.time() - t0:.0f}s")
-    path = report.write(s, driver.c, driver.ev, all_variants, argv if argv is not None else sys.argv[1:])
+    shown = lambda a: ["python", *a[1:]] if a[0] == s.python else a  # noqa: E731
+    commands = {v.name: shlex.join(shown(train_argv(s, v))) for v in all_variants}
+    driver_args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report_only"]
+    driver_cmd = shlex.join(["python", "launch/reproduce.py", *driver_args])
+    path = report.write(s, driver.c, driver.ev, all_variants, commands, driver_cmd, display_path(s.out))
     _say(f"wrote {path}")
     return 0
 

@@ -195,17 +195,21 @@ def test_claims_follow_the_numbers():
 
 
 def test_report_renders_a_skeleton_and_full_results(tmp_path):
-    args, rest = reproduce.parse_args(["--out", str(tmp_path / "out"), "--docs_dir", str(tmp_path / "docs")])
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    assert reproduce.main(["--out", str(out), "--docs_dir", str(docs), "--report_only"]) == 0
+    text = (docs / "RESULTS.md").read_text()
+    assert "No run has finished yet" in text and "not measured" in text and "16,384 tokens per run" in text
+    assert f"python -m rrt.train --config configs/reproduce.py --workdir {out}/original --config.steps=16" in text
+    assert f"python launch/reproduce.py --out {out} --docs_dir {docs}   # everything" in text
+    assert not out.exists()  # --report_only computes and writes nothing in --out
+    args, rest = reproduce.parse_args(["--out", str(out), "--docs_dir", str(docs)])
     s = reproduce.settings_from_args(args, rest)
     c = reproduce.load_config(s.config)
-    ev = reproduce.eval_settings(c, s)
-    text = report.render(s, c, ev, report.load(s.out, reproduce.variants()), [])
-    assert "No run has finished yet" in text and "not measured" in text and "16,384 tokens per run" in text
-    assert "python -m rrt.train --config configs/reproduce.py" in text
-    full = report.render(s, c, ev, results_with({"strict_random": 6.0}), ["--out", "runs/reproduce"])
-    assert "No run has finished" not in full and "15 of 15 variants" in full
+    commands = {v.name: f"cmd {v.name}" for v in reproduce.variants("stepwise")}
+    full = report.render(s, c, reproduce.eval_settings(c, s), results_with({"strict_random": 6.0}), commands, "x", "o")
+    assert "No run has finished" not in full and "15 of 15 variants" in full and "cmd strict_random" in full
     assert f"| `strict_random` | 1.0 | {math.exp(7):.3g} | {math.exp(6):.2f} |" in full
-    assert "lambada 40" in full and "python launch/reproduce.py --out runs/reproduce" in full
+    assert "lambada 40" in full and "about 3.0 points" in full
 
 
 @pytest.mark.slow
@@ -227,8 +231,9 @@ def test_tiny_reproduction_end_to_end_and_resume(tmp_path):
     out, docs = tmp_path / "out", tmp_path / "docs"
     argv = ["--out", str(out), "--docs_dir", str(docs), "--config", "configs/tiny.py", "--tasks", "piqa,lambada",
             "--only", "original,strict_stepwise,relaxed_avg_r16_svd,strict_stepwise_kd,sequence",
-            f"--config.source={src}", "--config.steps=2", "--config.checkpoint_every=2", "--config.eval.limit=3",
-            "--config.eval.max_windows=2", "--config.data.global_batch_size=2"]  # fmt: skip
+            f"--config.source={src}", "--config.steps=2", "--config.optim.warmup_steps=0",
+            "--config.checkpoint_every=2", "--config.eval.limit=3", "--config.eval.max_windows=2",
+            "--config.data.global_batch_size=2"]  # fmt: skip
     assert reproduce.main(argv) == 0
     done = {p.name for p in out.glob("*.after.json")}
     assert len(done) == 5 and any(n.startswith("sequence_") for n in done)
@@ -241,5 +246,5 @@ def test_tiny_reproduction_end_to_end_and_resume(tmp_path):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert reproduce.main(argv) == 0
-    assert "training" not in buf.getvalue() and "evaluating" not in buf.getvalue()
+    assert ": training (" not in buf.getvalue() and "evaluating" not in buf.getvalue()
     assert {p: p.stat().st_mtime for p in out.glob("*.json")} == stamps
