@@ -123,7 +123,8 @@ class Generation:
     loops: list[list[int]]
     logits: list[np.ndarray] | None = None  # [N, V] per request, when asked for
     prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
+    decode_seconds: float = 0.0  # wall clock
+    decode_cpu_seconds: float = 0.0  # this process's CPU time over the same span (all threads)
     steps: int = 0  # depth-wise engine only: engine steps run, and slot-steps that held a request
     busy_slot_steps: int = 0
 
@@ -187,7 +188,7 @@ def generate(
         t0 = time.perf_counter()
         tok, logits, cache = prefill(graphdef, state, tokens_BxT, lengths, rids, cache, sampling=sampling, seed=seed)
         tok.block_until_ready()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         toks, loops, all_logits = [tok], [np.full(batch_size, model.cfg.n_loops)], [logits]
         active = np.arange(batch_size) < len(idx)
         done = ~active | (np.asarray(tok) == eos_id if eos_id is not None else False)
@@ -204,10 +205,11 @@ def generate(
             if eos_id is not None:  # the only per-token host sync, and only when EOS can stop rows early
                 done = done | (np.asarray(tok) == eos_id)
         toks_NxB = np.stack([np.asarray(t) for t in toks])
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         loops_NxB = np.stack([np.asarray(x) for x in loops])
         out.prefill_seconds += t1 - t0
         out.decode_seconds += t2 - t1
+        out.decode_cpu_seconds += c2 - c1
         for j, i in enumerate(idx):
             seq = toks_NxB[:, j].tolist()
             if eos_id is not None and eos_id in seq:

@@ -141,12 +141,12 @@ def generate(
     es = init_state(cfg, slots, max_len, cache_dtype)
     out = decode.Generation([[] for _ in range(n)], [[] for _ in range(n)])
     queue, slot_rid = collections.deque(range(n)), [None] * slots
-    prefill_s, start = 0.0, time.perf_counter()
+    prefill_s, prefill_cpu, start, cpu_start = 0.0, 0.0, time.perf_counter(), time.process_time()
     while True:
         for b in range(slots):
             while slot_rid[b] is None and queue:
                 i = queue.popleft()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 tokens_1xT, lengths = decode.padded_prompts([prompts[i]], 1)
                 cache_1 = model_lib.init_cache(cfg, 1, max_len, cache_dtype)
                 rid = np.array([i], np.int32)
@@ -154,6 +154,7 @@ def generate(
                                                  sampling=sampling, seed=seed)  # fmt: skip
                 first = int(tok[0])
                 prefill_s += time.perf_counter() - t0
+                prefill_cpu += time.process_time() - c0
                 out.tokens[i], out.loops[i] = [first], [cfg.n_loops]
                 if budgets[i] > 1 and first != eos_id:
                     es = admit(es, b, cache_1, first, len(prompts[i]), i, budgets[i] - 1, n_loops=cfg.n_loops)
@@ -174,4 +175,5 @@ def generate(
                 slot_rid[b] = None
     out.prefill_seconds = prefill_s
     out.decode_seconds = time.perf_counter() - start - prefill_s
+    out.decode_cpu_seconds = time.process_time() - cpu_start - prefill_cpu
     return out
