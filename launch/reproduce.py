@@ -21,6 +21,8 @@ every stored evaluation (`<out>/<name>.before.json`, `.after.json`; stored per c
 Each stored evaluation is keyed by the exact config file, overrides and eval settings it was computed with, and
 <out>/manifest.json by the driver's settings: a different budget or config in the same --out is an error, not a
 silent mix. Extra `--config.x=y` arguments apply to every run (e.g. `--config.data.global_batch_size=32` on a GPU).
+`--report_only` rewrites RESULTS.md from what is stored (with nothing stored: the skeleton committed in docs/).
+Budget and cost: see configs/reproduce.py.
 """
 
 import argparse
