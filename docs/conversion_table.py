@@ -33,13 +33,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     src = gguf.smollm2_gguf_path()
     tok = tokenizer_lib.load_tokenizer(src)
-    ids = {name: tok.encode(data.heldout_text(path, 0.1))[: args.windows * args.seq_len] for name, path in CORPORA.items()}
+    ids = {
+        name: tok.encode(data.heldout_text(path, 0.1))[: args.windows * args.seq_len] for name, path in CORPORA.items()
+    }
     base, params = checkpoints.load(src)
     full_attn, full_mlp = convert.full_rank(base)
 
     def score(cfg, p):
         m = model_lib.from_params(cfg, p)
-        return {n: perplexity.perplexity(m, x, args.seq_len, batch_size=4, progress=False)["ppl"] for n, x in ids.items()}
+        return {
+            n: perplexity.perplexity(m, x, args.seq_len, batch_size=4, progress=False)["ppl"] for n, x in ids.items()
+        }
 
     rows = [("original (30 layers)", "-", "-", "-", model_lib.count_params(base), score(base, params))]
     print(rows[-1], flush=True)
@@ -52,7 +56,12 @@ def main(argv=None) -> int:
         cfg, new, _ = convert.convert(base, params, rec, progress=False)
         rows.append((strategy, init, str(rank), "", model_lib.count_params(cfg), score(cfg, new)))
         print(rows[-1], f"{time.time() - t0:.0f}s", flush=True)
+        render(rows, args, argv, planned=len(runs) + 1)
+    return 0
 
+
+def render(rows, args, argv, planned: int) -> None:
+    """Writes CONVERSION.md and the plot from the rows measured so far (a stopped run leaves a valid, marked table)."""
     lines = [
         "# SmolLM2-135M as a 15 x 2 recursive model, before uptraining",
         "",
@@ -73,10 +82,10 @@ def main(argv=None) -> int:
     plot_path = os.path.join(args.out, "conversion_rank.png")
     _plot(rows, plot_path)
     lines += ["", f"![perplexity against rank]({os.path.basename(plot_path)})", ""]
+    if len(rows) < planned:
+        lines += [f"**Partial: {len(rows)} of {planned} rows measured; rerun the command for the rest.**", ""]
     with open(os.path.join(args.out, "CONVERSION.md"), "w") as f:
         f.write("\n".join(lines))
-    print("\n".join(lines))
-    return 0
 
 
 def _plot(rows, path):
@@ -90,13 +99,21 @@ def _plot(rows, path):
     for ax, corpus in zip(axes, CORPORA):
         for init in ("average", "stepwise"):
             pts = [(0, r[5][corpus]) for r in rows if r[:3] == ("cycle", init, "0")]
-            pts += [(576 if r[2] == "full" else int(r[2]), r[5][corpus]) for r in rows
-                    if r[0] == "cycle" and r[1] == init and r[2] not in ("0", "-")]
+            pts += [
+                (576 if r[2] == "full" else int(r[2]), r[5][corpus])
+                for r in rows
+                if r[0] == "cycle" and r[1] == init and r[2] not in ("0", "-")
+            ]
             xs = [max(x, 1) for x, _ in pts]
             ax.plot(xs, [y for _, y in pts], "o-", label=f"{init} init")
         ax.axhline(original[corpus], color="k", ls="--", label="original 30 layers")
-        ax.set(xscale="log", yscale="log", xlabel="LoRA rank (0 plotted at 1; full = 576)", ylabel="perplexity",
-               title=f"{corpus} held-out")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="LoRA rank (0 plotted at 1; full = 576)",
+            ylabel="perplexity",
+            title=f"{corpus} held-out",
+        )
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
