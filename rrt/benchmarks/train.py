@@ -1,4 +1,4 @@
-"""Training-step benchmark on this CPU: `python -m rrt.benchmarks.train` (about 15 minutes on 2 idle cores).
+"""Training-step benchmark on this CPU: `python -m rrt.benchmarks.train` (about 50 minutes on 2 loaded cores).
 
 One run prints, for the SmolLM2-135M shape (V 49152, D 576, L 30, 9 heads / 3 KV heads of 64, F 1536, tied, rope
 theta 1e5) at batch 4 x 256 tokens in float32, the real step (`rrt.train.train_step`: loss over every loop's exit,
@@ -6,14 +6,17 @@ gradients, global-norm clipping, AdamW):
   throughput  tokens/s and MFU of the vanilla 30-layer step; MFU against the float32 matmul peak measured in the
               same run (`rrt.flops.measure_matmul_peak`), FLOPs from `rrt.flops` (matmuls only, remat not counted)
   torch       the same step in Hugging Face transformers (LlamaForCausalLM, AdamW, clipping, float32, all cores)
-  recursion   the strict 15 x 2 recursive step over the vanilla step (same FLOPs but for the extra exit head)
+  recursion   the strict 15 x 2 recursive step over the vanilla step (same FLOPs but for the extra exit head),
+              steps of the two taken in turns in one process
   compile     compile time of 15 x 8 over 15 x 2 (K = 15 shared layers, B = 8 vs 2 loops): the scans keep it flat
   memory      peak RSS of a fresh process running one step, and XLA's own account of the step (arguments + temps),
               for vanilla, strict 15 x 2 and relaxed rank-64 15 x 2, remat none and full; parameter and AdamW-state
               bytes of each
-Targets (printed beside each number): MFU >= 50% of the measured peak, >= 1.3x PyTorch, recursive / vanilla <= 1.05,
-compile ratio <= 1.2, recursive memory <= vanilla. Timings are medians over --steps steps after one warm-up step;
-other load on the machine moves them (the script prints the load average it started under).
+Every measurement runs in its own process (a fresh heap: peak RSS is its own, and one variant's allocations never
+slow or kill another's). Targets (printed beside each number): MFU >= 50% of the measured peak, >= 1.3x PyTorch,
+recursive / vanilla <= 1.05, compile ratio <= 1.2, recursive memory <= vanilla. Timings are medians over --steps
+steps after one warm-up step; other load on the machine moves them (the script prints the load average it started
+under).
 """
 
 import argparse
@@ -55,7 +58,7 @@ VARIANTS = {
 
 
 def variant(name: str, remat: str = "none", **changes) -> model_lib.ModelConfig:
-    return dataclasses.replace(SMOLLM2, remat=remat, **VARIANTS[name], **changes)
+    return dataclasses.replace(SMOLLM2, **{**VARIANTS[name], "remat": remat, **changes})
 
 
 def make_batch(b: int, t: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -104,8 +107,9 @@ def state_bytes(cfg: model_lib.ModelConfig) -> tuple[int, int]:
     return nbytes(params), nbytes(jax.eval_shape(opt.init, params))
 
 
-def time_jax(cfg, b: int, t: int, steps: int, log_all_loops: bool = True) -> dict:
-    """{"compile_s", "step_s": [...]} of the real step."""
+def run_jax(cfg, b: int, t: int, steps: int, log_all_loops: bool = True) -> dict:
+    """Compile and run the real step `steps` + 1 times (the first is the warm-up): compile time, step times, peak
+    RSS after compiling and after the steps, and XLA's own account of the step (arguments + temps + outputs)."""
     params = init_params(cfg)
     fn, opt = step_fn(cfg, params, log_all_loops)
     opt_state = opt.init(params)
@@ -113,15 +117,59 @@ def time_jax(cfg, b: int, t: int, steps: int, log_all_loops: bool = True) -> dic
     start = time.perf_counter()
     compiled = fn.lower(params, opt_state, None, batch).compile()
     compile_s = time.perf_counter() - start
+    rss_compiled = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()
         params, opt_state, metrics = compiled(params, opt_state, None, batch)
         jax.block_until_ready((params, opt_state, metrics))
-        if i:  # the first step is the warm-up
+        if i:
             times.append(time.perf_counter() - start)
     assert np.isfinite(float(metrics["loss"])), metrics
-    return {"compile_s": compile_s, "step_s": times}
+    mem = compiled.memory_analysis()
+    xla = None
+    if mem is not None:
+        xla = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    rss_step = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "compile_s": compile_s,
+        "step_s": times,
+        "rss_compiled": rss_compiled,
+        "rss_step": rss_step,
+        "xla_step": xla,
+    }
+
+
+def interleaved(b: int, t: int, steps: int) -> dict:
+    """Step times of vanilla, recursive 15 x 2 and recursive with the last exit's head only, measured in turns
+    (v, r, r', v, r, r', ...) in one process, so that a change of load moves all three alike."""
+    batch = jax.tree.map(jnp.asarray, make_batch(b, t, SMOLLM2.vocab_size))
+    runs = {}
+    for name, cfg, log_all in (
+        ("vanilla", variant("vanilla"), True),
+        ("recursive", variant("recursive"), True),
+        ("recursive_last_head", variant("recursive"), False),
+    ):
+        if name == "recursive_last_head":  # the same parameters as "recursive", another step function
+            state = runs["recursive"]["state"]
+            fn, _ = step_fn(cfg, state[0], log_all)
+        else:
+            params = init_params(cfg)
+            fn, opt = step_fn(cfg, params, log_all)
+            state = [params, opt.init(params)]
+        start = time.perf_counter()
+        compiled = fn.lower(state[0], state[1], None, batch).compile()
+        runs[name] = {"state": state, "step": compiled, "compile_s": time.perf_counter() - start, "step_s": []}
+    for i in range(steps + 1):
+        for r in runs.values():
+            start = time.perf_counter()
+            params, opt_state, metrics = r["step"](r["state"][0], r["state"][1], None, batch)
+            jax.block_until_ready((params, opt_state, metrics))
+            r["state"][:] = [params, opt_state]
+            if i:  # the first round is the warm-up
+                r["step_s"].append(time.perf_counter() - start)
+            assert np.isfinite(float(metrics["loss"])), metrics
+    return {name: {"compile_s": r["compile_s"], "step_s": r["step_s"]} for name, r in runs.items()}
 
 
 def time_torch(b: int, t: int, steps: int) -> dict:
@@ -178,38 +226,33 @@ def compile_seconds(cfg: model_lib.ModelConfig, b: int, t: int) -> dict:
     return {"lower_s": lower_s, "compile_s": time.perf_counter() - start - lower_s}
 
 
-def memory_probe(name: str, remat: str, b: int, t: int) -> dict:
-    """Run in a fresh process: compile and run one step; peak RSS after compiling and after the step."""
-    cfg = variant(name, remat)
-    params = init_params(cfg)
-    fn, opt = step_fn(cfg, params)
-    opt_state = opt.init(params)
-    batch = jax.tree.map(jnp.asarray, make_batch(b, t, cfg.vocab_size))
-    compiled = fn.lower(params, opt_state, None, batch).compile()
-    rss_compiled = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = compiled(params, opt_state, None, batch)
-    jax.block_until_ready(out)
-    rss_step = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    mem = compiled.memory_analysis()
-    xla = None
-    if mem is not None:
-        xla = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-    return {"rss_compiled": rss_compiled, "rss_step": rss_step, "xla_step": xla}
+def probe(what: str, b: int, t: int, steps: int) -> dict:
+    """One measurement, run in this (fresh) process: torch | interleaved | compile:<loops> | <variant>:<remat>."""
+    if what == "torch":
+        return time_torch(b, t, steps)
+    if what == "interleaved":
+        return interleaved(b, t, steps)
+    if what.startswith("compile:"):
+        loops = int(what.split(":")[1])
+        return compile_seconds(variant("recursive", n_layers=15 * loops, n_loops=loops), b, t)
+    name, remat = what.split(":")
+    return run_jax(variant(name, remat), b, t, steps)
 
 
-def measure_memory(name: str, remat: str, b: int, t: int) -> dict:
+def measure(what: str, b: int, t: int, steps: int) -> dict:
+    """`probe` in a separate process: every measurement starts from an empty heap, and peak RSS is its own."""
     cmd = [
         sys.executable,
         "-m",
         "rrt.benchmarks.train",
-        "--memory_probe",
-        f"{name}:{remat}",
+        f"--probe={what}",
         f"--batch={b}",
         f"--seq={t}",
+        f"--steps={steps}",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
-        raise RuntimeError(f"memory probe {name}:{remat} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"probe {what} exited with {out.returncode}:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -227,57 +270,56 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: torch,recursion,compile,memory")
-    p.add_argument("--memory_probe", default="", help=argparse.SUPPRESS)  # internal: name:remat
+    p.add_argument("--probe", default="", help=argparse.SUPPRESS)  # internal: one measurement (see `probe`)
     a = p.parse_args()
     b, t = a.batch, a.seq
-    if a.memory_probe:
-        name, remat = a.memory_probe.split(":")
-        print(json.dumps(memory_probe(name, remat, b, t)))
+    if a.probe:
+        print(json.dumps(probe(a.probe, b, t, a.steps)))
         return
     skip = set(a.skip.split(",")) - {""}
     gib = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
     print(
         f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores; jax {jax.__version__} "
-        f"({jax.devices()[0].device_kind}); SmolLM2-135M shape, batch {b} x {t}, float32",
+        f"({jax.devices()[0].device_kind}); SmolLM2-135M shape, batch {b} x {t}, float32; one process per measurement",
         flush=True,
     )
     peak = flops_lib.measure_matmul_peak(dtype=jnp.float32, seconds=2.0)
     print(f"measured float32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s", flush=True)
 
     tokens = b * t
-    vanilla = variant("vanilla")
-    v = time_jax(vanilla, b, t, a.steps)
-    v_tok_s = tokens / median(v["step_s"])
-    mfu = v_tok_s * flops_lib.train_flops_per_token(vanilla, t, 1) / peak
+    timed = measure("interleaved", b, t, a.steps)
+    v_step = median(timed["vanilla"]["step_s"])
+    v_tok_s = tokens / v_step
+    mfu = v_tok_s * flops_lib.train_flops_per_token(variant("vanilla"), t, 1) / peak
     print(
-        f"vanilla 30 layers   step {median(v['step_s']):.2f} s (min {min(v['step_s']):.2f}), {v_tok_s:.0f} tokens/s, "
-        f"MFU {mfu:.1%} of the measured peak [target >= 50%: {mark(mfu >= 0.5)}]; compile {v['compile_s']:.1f} s",
+        f"vanilla 30 layers: step {v_step:.2f} s (min {min(timed['vanilla']['step_s']):.2f}), {v_tok_s:.0f} tokens/s, "
+        f"MFU {mfu:.1%} of the measured peak [target >= 50%: {mark(mfu >= 0.5)}]; compile "
+        f"{timed['vanilla']['compile_s']:.1f} s",
         flush=True,
     )
+    if "recursion" not in skip:
+        for name, what in (
+            ("recursive", "both exits' heads (default)"),
+            ("recursive_last_head", "last exit's head only (loss.log_all_loops=False)"),
+        ):
+            ratio = median(timed[name]["step_s"]) / v_step
+            print(
+                f"recursive 15 x 2, {what}: step {median(timed[name]['step_s']):.2f} s, {ratio:.3f}x vanilla "
+                f"(steps taken in turns) [target <= 1.05: {mark(ratio <= 1.05)}]",
+                flush=True,
+            )
 
     if "torch" not in skip:
-        pt = time_torch(b, t, a.steps)
-        ratio = median(pt["step_s"]) / median(v["step_s"])
+        pt = measure("torch", b, t, a.steps)
+        ratio = median(pt["step_s"]) / v_step
         print(
-            f"torch (transformers, {pt['threads']} threads) step {median(pt['step_s']):.2f} s: JAX is {ratio:.2f}x "
+            f"torch (transformers, {pt['threads']} threads): step {median(pt['step_s']):.2f} s; JAX is {ratio:.2f}x "
             f"faster [target >= 1.3x: {mark(ratio >= 1.3)}]",
             flush=True,
         )
 
-    if "recursion" not in skip:
-        for log_all in (True, False):
-            r = time_jax(variant("recursive"), b, t, a.steps, log_all_loops=log_all)
-            ratio = median(r["step_s"]) / median(v["step_s"])
-            what = "both exits' heads (default)" if log_all else "last exit's head only (loss.log_all_loops=False)"
-            print(
-                f"recursive 15 x 2, {what}: step {median(r['step_s']):.2f} s, {ratio:.3f}x vanilla "
-                f"[target <= 1.05: {mark(ratio <= 1.05)}]",
-                flush=True,
-            )
-
     if "compile" not in skip:
-        c2 = compile_seconds(variant("recursive"), b, t)
-        c8 = compile_seconds(variant("recursive", n_layers=120, n_loops=8), b, t)
+        c2, c8 = measure("compile:2", b, t, 0), measure("compile:8", b, t, 0)
         ratio = (c8["lower_s"] + c8["compile_s"]) / (c2["lower_s"] + c2["compile_s"])
         print(
             f"compile 15 x 2: trace {c2['lower_s']:.1f} s + XLA {c2['compile_s']:.1f} s; 15 x 8: trace "
@@ -288,23 +330,24 @@ def main() -> None:
 
     if "memory" not in skip:
         print(
-            f"{'memory':22s} {'params':>10s} {'AdamW':>10s} {'RSS compiled':>13s} {'RSS step':>10s} {'XLA step':>10s}"
+            f"{'memory':24s} {'params':>10s} {'AdamW':>10s} {'RSS compiled':>13s} {'RSS step':>10s} {'XLA step':>10s}"
         )
-        results = {}
+        runs = {}
         for name in VARIANTS:
             pb, ob = state_bytes(variant(name))
             for remat in ("none", "full"):
-                m = results[name, remat] = measure_memory(name, remat, b, t)
+                m = runs[name, remat] = measure(f"{name}:{remat}", b, t, 0)
                 xla = gib(m["xla_step"]) if m["xla_step"] is not None else "n/a"
                 print(
-                    f"{name + ', remat ' + remat:22s} {gib(pb):>10s} {gib(ob):>10s} {gib(m['rss_compiled']):>13s} "
+                    f"{name + ', remat ' + remat:24s} {gib(pb):>10s} {gib(ob):>10s} {gib(m['rss_compiled']):>13s} "
                     f"{gib(m['rss_step']):>10s} {xla:>10s}",
                     flush=True,
                 )
         for remat in ("none", "full"):
-            key = "xla_step" if results["vanilla", remat]["xla_step"] is not None else "rss_step"
-            ok = results["recursive", remat][key] <= results["vanilla", remat][key]
-            print(f"recursive <= vanilla memory (remat {remat}, {key}): {mark(ok)}")
+            for key in ("rss_step", "xla_step"):
+                if runs["vanilla", remat][key] is not None:
+                    ok = runs["recursive", remat][key] <= runs["vanilla", remat][key]
+                    print(f"recursive <= vanilla memory (remat {remat}, {key}): {mark(ok)}")
 
 
 if __name__ == "__main__":
