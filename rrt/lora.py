@@ -24,9 +24,16 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax
     return y
 
 
-def delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """s * (x @ a) @ b, with optional per-example factors (a: [B, I, P], b: [B, P, O], x: [B, ..., I])."""
+def delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, group: jax.Array | None = None) -> jax.Array:
+    """s * (x @ a) @ b, with optional per-example factors (a: [B, I, P], b: [B, P, O], x: [B, ..., I]), or grouped
+    factors: a: [G, I, P], b: [G, P, O] and `group` [B, G] one-hot, example i using pair g. Grouped, every pair's
+    x @ a is computed and masked between the two matmuls: G times the multiply-adds of one pair, but no per-example
+    copies of the factors (depth-wise batching: G = R loops, cheaper than gathering a pair per example)."""
     a, b = a.astype(x.dtype), b.astype(x.dtype)
+    if group is not None:
+        mask = group.astype(x.dtype).reshape(group.shape[:1] + (1,) * (x.ndim - 2) + group.shape[1:] + (1,))
+        xa = jnp.einsum("b...i,gip->b...gp", x, a) * mask
+        return scale * jnp.einsum("b...gp,gpo->b...o", xa, b)
     if a.ndim == 2:
         return scale * ((x @ a) @ b)
     xa = jnp.einsum("b...i,bip->b...p", x, a)
@@ -34,12 +41,13 @@ def delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
 
 
 def wrap(project: Callable[[jax.Array], jax.Array], factors: tuple | None, scale: float):
-    """Returns x -> project(x) + s * (x @ a) @ b; `factors=None` returns `project` unchanged (strict sharing)."""
+    """Returns x -> project(x) + s * (x @ a) @ b; `factors` is (a, b) or (a, b, group) (see `delta`);
+    `factors=None` returns `project` unchanged (strict sharing)."""
     if factors is None:
         return project
 
     def wrapped(x):
-        return project(x) + delta(x, factors[0], factors[1], scale)
+        return project(x) + delta(x, factors[0], factors[1], scale, factors[2] if len(factors) > 2 else None)
 
     return wrapped
 

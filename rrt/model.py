@@ -334,13 +334,14 @@ def _write_cache(cache_BxSxGxH: jax.Array, new_BxTxGxH: jax.Array, start_B: jax.
 
 def block(cfg: ModelConfig, w: dict, x_BxTxD, positions_BxT, segment_ids_BxT=None, cache: dict | None = None):
     """One transformer block. `w` holds this position's weights: the shared layer's, its norms, its LoRA factors
-    (`<proj>_a`, `<proj>_b`, optionally with a leading per-example axis). Returns (x, updated cache entry)."""
+    (`<proj>_a`, `<proj>_b`, optionally with a leading per-example axis, or stacked [G, ...] and selected per
+    example by a one-hot `lora_group` [B, G]: see `lora.delta`). Returns (x, updated cache entry)."""
     b, t, _ = x_BxTxD.shape
     dtype = x_BxTxD.dtype
 
     def proj(name):
         base = lambda x: lora.dense(x, w[name], w.get(name + "_bias"))  # noqa: E731
-        factors = (w[name + "_a"], w[name + "_b"]) if name + "_a" in w else None
+        factors = (w[name + "_a"], w[name + "_b"], w.get("lora_group")) if name + "_a" in w else None
         return lora.wrap(base, factors, cfg.lora_scale(name))
 
     def attention(h):
