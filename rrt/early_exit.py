@@ -16,9 +16,8 @@ the positions of its own skipped loops (loops nobody needs are skipped with a `l
 (static batching below, the depth-wise engine in `rrt.depthwise`) fills with this one function, so they agree.
 
 `run_loop` runs one loop (the K shared layers) for a batch in which each row may sit at its own loop index and
-sequence position: the per-position weights (LoRA factors, per-position norms; for the `sequence` strategy also the
-shared layer) are gathered per row from the [L, ...] stacks and `model.block` is vmapped over rows, so the shared
-`cycle` kernels stay one batched matmul. With a scalar loop index the weights are sliced once for all rows.
+sequence position (see its docstring for how the per-position weights reach each row). With a scalar loop index
+the weights are sliced once for all rows.
 """
 
 import dataclasses
@@ -63,7 +62,7 @@ def kv_projection(cfg: model_lib.ModelConfig, w: dict, x_BxTxD: jax.Array, posit
 
     def proj(name):
         base = lambda x: lora.dense(x, w[name], w.get(name + "_bias"))  # noqa: E731
-        factors = (w[name + "_a"], w[name + "_b"]) if name + "_a" in w else None
+        factors = (w[name + "_a"], w[name + "_b"], w.get("lora_group")) if name + "_a" in w else None
         return lora.wrap(base, factors, cfg.lora_scale(name))(h)
 
     k = model_lib.rope(cfg, proj("k").reshape(b, t, cfg.n_kv_heads, cfg.head_dim), positions_BxT)
@@ -111,19 +110,26 @@ def run_loop(cfg: model_lib.ModelConfig, weights: dict, x_BxD, loop, positions_B
 
     The loop's K cache rows are gathered once and scanned over (the K positions' caches are distinct, so no
     position reads what another writes); only the new entries are scattered back, so the whole cache is never
-    a scan carry (which would make XLA copy it at every position)."""
-    k_count = cfg.n_shared
+    a scan carry (which would make XLA copy it at every position). Per-row loops (`cycle`): the shared kernels are
+    those of layer k for every row; the LoRA factors of position k in all R loops go in stacked, each row picking
+    its loop by a one-hot `lora_group` (`lora.delta`: no per-row copies of the factors); per-position vectors are
+    gathered per row. Per-row loops with `sequence` (the layer depends on the loop) vmap the block over rows, each
+    gathering its own layer: correct, but it copies every row's weights."""
+    k_count, r_count = cfg.n_shared, cfg.n_loops
+    b = x_BxD.shape[0]
     per_row = jnp.ndim(loop) == 1
     shared = _shared(cfg, weights, x_BxD.dtype)
     ids = jnp.asarray(cfg.layer_ids().reshape(-1))
-    rows = jnp.arange(x_BxD.shape[0])
-    # cycle: position r*K + k uses layer k whatever r is, so the shared kernels are the same for every row.
-    uniform_layer = cfg.strategy == "cycle" or cfg.n_shared == 1 or not per_row
-    depth_K = jnp.arange(k_count)[:, None] + (loop * k_count if per_row else jnp.full((1,), loop * k_count))[None]
+    rows = jnp.arange(b)
+    start_B = loop * k_count if per_row else jnp.full((b,), loop * k_count)
+    depth_KxB = jnp.arange(k_count)[:, None] + start_B[None, :]
     if per_row:
-        cache_K = {n: a[depth_K, rows[None, :]] for n, a in cache.items()}  # [K, B, S, G, H]
+        cache_K = {n: a[depth_KxB, rows[None, :]] for n, a in cache.items()}  # [K, B, S, G, H]
     else:
         cache_K = {n: jax.lax.dynamic_slice_in_dim(a, loop * k_count, k_count) for n, a in cache.items()}
+    grouped = per_row and (cfg.strategy == "cycle" or k_count == 1)  # every row uses layer k at step k
+    vectors = set(cfg.norm_names() + cfg.bias_names())
+    group_BxR = jax.nn.one_hot(loop, r_count, dtype=x_BxD.dtype) if per_row else None
 
     def one_row(w, x_D, pos, c):
         y, c_new = model_lib.block(cfg, w, x_D[None, None], pos[None, None], None, {n: a[None] for n, a in c.items()})
@@ -132,17 +138,22 @@ def run_loop(cfg: model_lib.ModelConfig, weights: dict, x_BxD, loop, positions_B
     def position(x, xs):
         k, cache_l = xs
         l = loop * k_count + k  # [B] or scalar
-        relax = {n: v[l] for n, v in weights["relax"].items()}
-        if not uniform_layer:  # sequence strategy, rows at different loops: each row gathers its own layer
-            layer = {n: v[ids[l]] for n, v in shared.items()}
+        if not per_row:
+            w = {**model_lib.shared_layer(shared, ids[l]), **{n: v[l] for n, v in weights["relax"].items()}}
+        elif grouped:
+            w = {**model_lib.shared_layer(shared, k), "lora_group": group_BxR}
+            for n, v in weights["relax"].items():
+                if n in vectors:  # per row: norms [B, D], projection biases [B, 1, O]
+                    w[n] = v[l] if n in cfg.norm_names() else v[l][:, None]
+                else:  # LoRA factors of position k in every loop: [R, ...]
+                    w[n] = jax.lax.dynamic_index_in_dim(v.reshape((r_count, k_count) + v.shape[1:]), k, 1, False)
         else:
-            layer = model_lib.shared_layer(shared, k if cfg.strategy == "cycle" or per_row else ids[l])
-        w = {**layer, **relax}
-        axes = {n: (0 if per_row and (n in relax or not uniform_layer) else None) for n in w}
-        return jax.vmap(one_row, in_axes=(axes, 0, 0, 0))(w, x, positions_B, cache_l)
+            w = {**{n: v[ids[l]] for n, v in shared.items()}, **{n: v[l] for n, v in weights["relax"].items()}}
+            return jax.vmap(one_row)(w, x, positions_B, cache_l)
+        y, c_new = model_lib.block(cfg, w, x[:, None], positions_B[:, None], None, cache_l)
+        return y[:, 0], {n: a[rows, positions_B] for n, a in c_new.items()}
 
     x_BxD, entries = jax.lax.scan(position, x_BxD, (jnp.arange(k_count), cache_K))  # entries [K, B, G, H]
-    depth_KxB = jnp.broadcast_to(depth_K, (k_count, x_BxD.shape[0]))
     pos = positions_B[None, :]
     cache = {n: a.at[depth_KxB, rows[None, :], pos].set(entries[n].astype(a.dtype)) for n, a in cache.items()}
     return x_BxD, cache
