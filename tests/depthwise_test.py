@@ -55,3 +55,30 @@ def test_engine_without_exits_is_full_depth():
     for p, toks, full in zip(ps, got.tokens, logits):
         assert toks == np.argmax(full[len(p) - 1 : len(p) - 1 + len(toks)], axis=-1).tolist()
     assert all(set(x) == {m.cfg.n_loops} for x in got.loops)
+
+
+def test_generate_cli(tmp_path, capsys):
+    """`python -m rrt.generate` on an rrt dir: greedy, early exit, and the depth-wise engine give the same text
+    when the rule never fires."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    from rrt import generate
+    from rrt.checkpoints import rrt_dir
+    from rrt.checkpoints import tokenizer as tokenizer_lib
+    from rrt.model import flat_params
+
+    m = tiny("cycle", 4, seed=2)
+    words = ["[UNK]", "<eos>"] + [f"w{i}" for i in range(m.cfg.vocab_size - 2)]
+    backend = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = tokenizer_lib.Tokenizer(backend, bos_id=None, eos_id=1, add_bos=False, add_eos=False)
+    path = str(tmp_path / "model")
+    rrt_dir.save(path, m.cfg, {k: np.asarray(v) for k, v in flat_params(m).items()}, tokenizer=tok)
+    base = ["--source", path, "--prompt", "w3 w7 w11", "--max_new_tokens", "4", "--ignore_eos"]
+    texts = []
+    for extra in ([], ["--exit_threshold", "1.5"], ["--exit_threshold", "1.5", "--depthwise_slots", "2"]):
+        assert generate.main(base + extra) == 0
+        texts.append(capsys.readouterr().out.splitlines()[0])
+    assert texts[0].startswith("w3 w7 w11") and len(texts[0].split()) > 3
+    assert texts[0] == texts[1] == texts[2]
