@@ -14,10 +14,10 @@ Design notes.
     final_norm[_bias]    [D]
     head                 [D, V]     untied models only
   Kernels are stored input-first ([I, O]); NeoX's fused QKV is split into q, k, v by its loader.
-* The stack is two nested `lax.scan`s: over loops (xs: the per-position weights reshaped [R, K, ...]) and, inside,
-  over the K positions of a loop; the shared weights are closed over and picked by a per-position layer id, so
-  tracing, compile time and HLO size do not depend on R. The outer scan also yields the hidden state after every
-  loop, which early-exit losses and per-loop evaluation read.
+* The stack is one `lax.scan` over the L = R * K depth positions (xs: the per-position weights and layer ids); the
+  shared weights are closed over and picked by the position's layer id, so tracing, compile time and HLO size do
+  not depend on R. The scan also keeps the hidden state after every loop, which early-exit losses and per-loop
+  evaluation read.
 * Norm weights (and NeoX's projection biases): strict recursion (rank 0) shares them with their layer, like every
   other weight. Relaxed models keep them per position by default (`per_position_norms`, set by conversion): a few
   vectors per position (2D parameters per position in total), and what makes a full-rank relaxed model reproduce
@@ -388,12 +388,16 @@ def shared_layer(shared: dict, layer_id) -> dict:
 
 
 def stack(cfg: ModelConfig, weights: dict, x_BxTxD, positions_BxT, segment_ids_BxT=None, cache=None):
-    """The looped stack: scan over R loops of a scan over K positions. Returns (x, hiddens [R,B,T,D], cache)."""
+    """The looped stack: one scan over the L = R * K depth positions. Returns (x, hiddens [R,B,T,D], cache).
+
+    Position l runs shared layer `layer_ids[l]` (closed over, picked by a dynamic index) with its own per-position
+    weights (scanned). The hidden state after every loop is kept in a small [R, B, T, D] carry: position l writes
+    slot l // K, so the last write of each loop (position r K + K - 1) stays. One flat scan rather than a scan over
+    loops of a scan over positions: nested, the outer scan restacks the inner scans' residuals into [R, K, ...]
+    buffers for the backward pass, and a step without remat then needs more memory than the vanilla model."""
     r, k = cfg.n_loops, cfg.n_shared
-    to_rk = lambda a: a.reshape((r, k) + a.shape[1:])  # noqa: E731
     shared = {name: v.astype(x_BxTxD.dtype) for name, v in weights["layers"].items()}
-    relax = {name: to_rk(v) for name, v in weights["relax"].items()}
-    cache_rk = None if cache is None else jax.tree.map(to_rk, cache)
+    hiddens_RxBxTxD = jnp.zeros((r,) + x_BxTxD.shape, x_BxTxD.dtype)
 
     def position(x, xs):
         relax_l, layer_id, cache_l = xs
@@ -404,14 +408,15 @@ def stack(cfg: ModelConfig, weights: dict, x_BxTxD, positions_BxT, segment_ids_B
 
     position = _remat(cfg, position)
 
-    def loop(x, xs):
-        x, cache_r = jax.lax.scan(position, x, xs)
-        return x, (x, cache_r)
+    def step(carry, xs):
+        x, hiddens = carry
+        x, cache_l = position(x, xs[1:])
+        hiddens = jax.lax.dynamic_update_index_in_dim(hiddens, x, xs[0] // k, 0)
+        return (x, hiddens), cache_l
 
-    x_BxTxD, (hiddens, cache_rk) = jax.lax.scan(loop, x_BxTxD, (relax, jnp.asarray(cfg.layer_ids()), cache_rk))
-    if cache_rk is not None:
-        cache = jax.tree.map(lambda a: a.reshape((r * k,) + a.shape[2:]), cache_rk)
-    return x_BxTxD, hiddens, cache
+    xs = (jnp.arange(r * k), weights["relax"], jnp.asarray(cfg.layer_ids().reshape(-1)), cache)
+    (x_BxTxD, hiddens_RxBxTxD), cache = jax.lax.scan(step, (x_BxTxD, hiddens_RxBxTxD), xs)
+    return x_BxTxD, hiddens_RxBxTxD, cache
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
