@@ -39,7 +39,7 @@ class LossConfig:
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
     exit_weight: float = 0.0
-    log_all_loops: bool = True  # also compute (not train) intermediate loops' losses when exit_weight is 0
+    log_all_loops: bool = True  # on logged steps, also compute (not train) intermediate loops' losses (exit_weight 0)
     remat_head: bool = False  # recompute each exit's [B, T, V] logits in the backward instead of keeping them
 
     def __post_init__(self):
@@ -54,9 +54,22 @@ class LossConfig:
 
 
 def loss_fn(
-    params, teacher_params, mb, *, graphdef, teacher_graphdef, loss_cfg: LossConfig, constrain, constrain_hiddens=None
+    params,
+    teacher_params,
+    mb,
+    log_loops=True,
+    *,
+    graphdef,
+    teacher_graphdef,
+    loss_cfg: LossConfig,
+    constrain,
+    constrain_hiddens=None,
 ):
-    """Summed (weighted) loss over the micro-batch's tokens, and per-loop summed CE / KL."""
+    """Summed (weighted) loss over the micro-batch's tokens, and per-loop summed CE / KL.
+
+    A loop with exit weight 0 is not trained; with `loss_cfg.log_all_loops` its loss is still computed for the log,
+    but only when `log_loops` (a traced bool: the training loop sets it on the steps it logs) holds, inside a
+    `lax.cond`, so that the other steps skip that head's forward pass (7% of a SmolLM2 step). Unlogged, it is 0."""
     model = nnx.merge(graphdef, params)
     _, hiddens_RxBxTxD = model(
         mb["inputs"], mb["positions"], mb["segment_ids"], return_loop_hiddens=True, constrain_shared=constrain
@@ -88,8 +101,18 @@ def loss_fn(
             ce.append(jnp.zeros(()))
             kl.append(jnp.zeros(()))
             continue
-        h = hiddens_RxBxTxD[r] if w > 0 else jax.lax.stop_gradient(hiddens_RxBxTxD[r])
-        c, k = loop_loss(h)
+        if w == 0:  # for the log only, and only on logged steps
+            zeros = lambda h: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))  # noqa: E731
+            c, k = jax.lax.cond(
+                log_loops,
+                lambda h: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), loop_loss(h)),
+                zeros,
+                jax.lax.stop_gradient(hiddens_RxBxTxD[r]),
+            )
+            ce.append(c)
+            kl.append(k)
+            continue
+        c, k = loop_loss(hiddens_RxBxTxD[r])
         if w > 0:  # adding 0 * c would still run the head's backward (XLA keeps x * 0 for floats)
             total = total + w * ((1 - loss_cfg.kd_weight) * c + loss_cfg.kd_weight * k)
         ce.append(c)
@@ -97,14 +120,17 @@ def loss_fn(
     return total, (jnp.stack(ce), jnp.stack(jnp.asarray(kl)))
 
 
-def train_step(params, opt_state, teacher_params, batch, *, opt, n_micro: int, n_loops: int, **loss_kw):
-    """One optimizer step over `n_micro` micro-batches (gradients summed, then divided by the token count)."""
+def train_step(
+    params, opt_state, teacher_params, batch, log_loops=True, *, opt, n_micro: int, n_loops: int, **loss_kw
+):
+    """One optimizer step over `n_micro` micro-batches (gradients summed, then divided by the token count).
+    `log_loops` (bool, may be traced): whether untrained loops' losses are computed for the log (see `loss_fn`)."""
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, **loss_kw), has_aux=True)
     micro = jax.tree.map(lambda x: x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:]), batch)
 
     def accumulate(carry, mb):
         grads, loss, ce, kl = carry
-        (l, (c, k)), g = grad_fn(params, teacher_params, mb)
+        (l, (c, k)), g = grad_fn(params, teacher_params, mb, log_loops)
         return (jax.tree.map(jnp.add, grads, g), loss + l, ce + c, kl + k), None
 
     r = n_loops
@@ -380,8 +406,9 @@ def main(argv) -> None:
         out_shardings=(param_sh, opt_sh, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
         donate_argnums=(0, 1),
     )
-    # every exit's head is applied (per-loop losses are always computed and logged)
-    flops_per_token = flops_lib.train_flops_per_token(cfg, dcfg.seq_len, cfg.n_loops, teacher_cfg)
+    # model FLOPs: the trained exits' heads (a logged step's forward-only heads for the log are not counted)
+    trained_heads = sum(w > 0 for w in losses.loop_weights(cfg.n_loops, loss_cfg.exit_weight))
+    flops_per_token = flops_lib.train_flops_per_token(cfg, dcfg.seq_len, trained_heads, teacher_cfg)
     peak, peak_src = (c.peak_flops, "config") if c.peak_flops else flops_lib.peak_flops_per_device(c.dtype)
     _log(f"MFU is measured against {peak:.3g} FLOP/s per device ({peak_src})")
     loop(
@@ -449,7 +476,8 @@ def loop(
     try:
         while step < c.steps:
             batch = data_lib.to_global(next(iterator), mesh, batch_sh.spec)
-            new_params, new_opt_state, metrics = step_fn(params, opt_state, teacher_params, batch)
+            logged = (step + 1) % c.log_every == 0 or step + 1 == c.steps
+            new_params, new_opt_state, metrics = step_fn(params, opt_state, teacher_params, batch, np.bool_(logged))
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             # A finite loss with non-finite gradients still turns the parameters into NaN: check both, or the
             # next save would keep them as "the last good checkpoint".

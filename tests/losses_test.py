@@ -122,18 +122,25 @@ def test_untrained_exits_get_no_gradient():
     params = nnx.to_pure_dict(state)
     mb = micro_batch()
 
-    def grads(exit_weight, log_all_loops=True):
+    def grads(exit_weight, log_all_loops=True, log_loops=True):
         cfg = train.LossConfig(exit_weight=exit_weight, log_all_loops=log_all_loops)
-        fn = lambda p: train.loss_fn(
-            p, None, mb, graphdef=graphdef, teacher_graphdef=None, loss_cfg=cfg, constrain=None
+        fn = jax.jit(
+            lambda p, log: train.loss_fn(
+                p, None, mb, log, graphdef=graphdef, teacher_graphdef=None, loss_cfg=cfg, constrain=None
+            )
         )  # noqa: E731
-        return jax.grad(lambda p: fn(p)[0])(params), fn(params)[1][0]
+        log = jnp.asarray(log_loops)  # traced, as the training loop passes it: one compiled step for both cases
+        return jax.grad(lambda p: fn(p, log)[0])(params), fn(params, log)[1][0]
 
     g_logged, ce_logged = grads(0.0)
     g_skipped, ce_skipped = grads(0.0, log_all_loops=False)
-    for a, b in zip(jax.tree.leaves(g_logged), jax.tree.leaves(g_skipped)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    g_unlogged, ce_unlogged = grads(0.0, log_loops=False)  # a step the loop does not log
+    for g in (g_skipped, g_unlogged):
+        for a, b in zip(jax.tree.leaves(g_logged), jax.tree.leaves(g)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
     assert np.all(np.asarray(ce_logged) > 0) and np.all(np.asarray(ce_skipped)[:2] == 0)
+    np.testing.assert_array_equal(np.asarray(ce_unlogged)[:2], 0)
+    np.testing.assert_allclose(np.asarray(ce_unlogged)[2], np.asarray(ce_logged)[2], rtol=1e-6)
     g_exit, _ = grads(0.5)
     diff = sum(float(jnp.sum(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g_exit), jax.tree.leaves(g_logged)))
     assert diff > 1e-4, "a nonzero exit weight must change the gradients"
