@@ -54,6 +54,10 @@ def evaluate(name, model, tokenizer, heldout: dict[str, str], args) -> dict:
     return res
 
 
+def _ppl(x: float) -> str:
+    return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
+
+
 def table(results: dict) -> str:
     corpora = list(next(iter(results.values()))["perplexity"])
     tasks = list(next(iter(results.values()))["tasks"])
@@ -62,8 +66,8 @@ def table(results: dict) -> str:
     for name, res in results.items():
         n_loops = len(res["perplexity"][corpora[0]]["per_loop"])
         for r in range(n_loops):
-            cells = [name if r == n_loops - 1 else "", f"{r + 1}/{n_loops}"]
-            cells += [f"{res['perplexity'][c]['per_loop'][r]['ppl']:.2f}" for c in corpora]
+            cells = [name if r == 0 else "", f"{r + 1}/{n_loops}"]
+            cells += [_ppl(res["perplexity"][c]["per_loop"][r]["ppl"]) for c in corpora]
             for t in tasks:
                 per_loop = res["tasks"][t].get("per_loop")
                 m = per_loop[r] if per_loop else res["tasks"][t]
@@ -87,19 +91,28 @@ def plot(results: dict, metrics_path: str, out: str) -> str:
     ax1.set(xlabel="step", ylabel="cross-entropy", title="uptraining loss per exit loop")
     ax1.legend()
     corpora = list(next(iter(results.values()))["perplexity"])
-    width = 0.8 / len(results)
+    loops = max(len(res["perplexity"][corpora[0]]["per_loop"]) for res in results.values())
+    looped = [name for name, res in results.items() if len(res["perplexity"][corpora[0]]["per_loop"]) > 1]
+    width = 0.8 / max(len(looped), 1)
     for i, (name, res) in enumerate(results.items()):
         for j, corpus in enumerate(corpora):
             per_loop = res["perplexity"][corpus]["per_loop"]
-            xs = [j * (len(per_loop) + 1) + r + i * width for r in range(len(per_loop))]
+            start = j * (loops + 1)
+            if len(per_loop) == 1:  # a full-depth model: a reference line over its corpus's group
+                ax2.hlines(per_loop[0]["ppl"], start - 0.1, start + loops - 0.1, colors=f"C{i}", linestyles="--",
+                           label=name if j == 0 else None)  # fmt: skip
+                continue
+            k = looped.index(name)
+            xs = [start + r + k * width for r in range(len(per_loop))]
             ax2.bar(xs, [p["ppl"] for p in per_loop], width, label=name if j == 0 else None, color=f"C{i}")
     ax2.set_yscale("log")
-    ax2.set(ylabel="held-out perplexity (log)", title="perplexity after each loop: " + ", ".join(corpora))
+    ax2.set(ylabel="held-out perplexity (log)", title="perplexity after each loop")
     ax2.set_xticks(
-        [j * 3 + r + 0.4 for j in range(len(corpora)) for r in range(2)],
-        [f"{c[:6]} L{r + 1}" for c in corpora for r in range(2)],
+        [j * (loops + 1) + r + 0.4 - width / 2 for j in range(len(corpora)) for r in range(loops)],
+        [f"{c.split('_')[0][:10]}\nloop {r + 1}" for c in corpora for r in range(loops)],
     )
-    ax2.legend()
+    ax2.set_ylim(top=ax2.get_ylim()[1] * 50)  # room for the legend above the bars
+    ax2.legend(fontsize="small", loc="upper right", framealpha=0.9)
     fig.tight_layout()
     path = os.path.join(out, "demo.png")
     fig.savefig(path, dpi=110)
