@@ -12,6 +12,9 @@ gradients, global-norm clipping, AdamW):
   memory      peak RSS of a fresh process running one step, and XLA's own account of the step (arguments + temps),
               for vanilla, strict 15 x 2 and relaxed rank-64 15 x 2, remat none and full; parameter and AdamW-state
               bytes of each
+  gemma       on a GPU or TPU (or with --parts gemma): a Recursive-Gemma-1B-shaped step (Gemma-2B's 18 layers as
+              9 x 2, CYCLE; bfloat16 compute, float32 master weights, remat dots) at --gemma_batch x --gemma_seq,
+              tokens/s and MFU against the device's spec-sheet bfloat16 peak (`rrt.flops.PEAK_BF16`)
 Every measurement runs in its own process (a fresh heap: peak RSS is its own, and one variant's allocations never
 slow or kill another's). Targets (printed beside each number): MFU >= 50% of the measured peak, >= 1.3x PyTorch,
 recursive / vanilla <= 1.05, compile ratio <= 1.2, recursive memory <= vanilla. Timings are medians over --steps
@@ -224,8 +227,32 @@ def compile_seconds(cfg: model_lib.ModelConfig, b: int, t: int) -> dict:
     return {"lower_s": lower_s, "compile_s": time.perf_counter() - start - lower_s}
 
 
+def gemma_config(layers: int = 18) -> model_lib.ModelConfig:
+    """Recursive Gemma 1B: Gemma-2B's shape (configs/archs.py) with `layers` layers looped twice, bfloat16."""
+    from configs import archs
+    from rrt.checkpoints import hf
+
+    base = hf.config_from_hf(dict(archs.GEMMA_2B))
+    return dataclasses.replace(base, n_layers=layers, n_loops=2, dtype="bfloat16", remat="dots")
+
+
+def run_gemma(b: int, t: int, steps: int, layers: int) -> dict:
+    """The real step of `gemma_config` on device 0: step times, tokens/s and MFU against the bfloat16 peak."""
+    cfg = gemma_config(layers)
+    out = run_jax(cfg, b, t, steps)
+    peak, src = flops_lib.peak_flops_per_device("bfloat16")
+    step = median(out["step_s"])
+    tok_s = b * t / step
+    out.update(tokens_per_s=tok_s, mfu=tok_s * flops_lib.train_flops_per_token(cfg, t, 1) / peak, peak=peak,
+               peak_source=src, device=jax.devices()[0].device_kind)  # fmt: skip
+    return out
+
+
 def probe(what: str, b: int, t: int, steps: int) -> dict:
-    """One measurement, run in this (fresh) process: torch | interleaved | compile:<loops> | <variant>:<remat>."""
+    """One measurement, run in this (fresh) process: torch | interleaved | compile:<loops> | <variant>:<remat> |
+    gemma:<layers> (b, t are then the Gemma batch and sequence length)."""
+    if what.startswith("gemma:"):
+        return run_gemma(b, t, steps, int(what.split(":")[1]))
     if what == "torch":
         return time_torch(b, t, steps)
     if what == "interleaved":
@@ -268,12 +295,27 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: torch,recursion,compile,memory")
+    p.add_argument("--parts", default="", help="extra parts: gemma (run by default on a GPU or TPU)")
+    p.add_argument("--gemma_batch", type=int, default=8)
+    p.add_argument("--gemma_seq", type=int, default=2048)
+    p.add_argument("--gemma_layers", type=int, default=18, help="Gemma-2B layers before looping (smaller: smoke)")
     p.add_argument("--probe", default="", help=argparse.SUPPRESS)  # internal: one measurement (see `probe`)
     a = p.parse_args()
     b, t = a.batch, a.seq
     if a.probe:
         print(json.dumps(probe(a.probe, b, t, a.steps)))
         return
+    if "gemma" in a.parts.split(",") or jax.devices()[0].platform != "cpu":
+        g = measure(f"gemma:{a.gemma_layers}", a.gemma_batch, a.gemma_seq, a.steps)
+        print(
+            f"Recursive Gemma 1B shape ({a.gemma_layers} layers as {a.gemma_layers // 2} x 2, bfloat16, remat dots) on "
+            f"{g['device']}, batch {a.gemma_batch} x {a.gemma_seq}: step {median(g['step_s']):.3f} s, "
+            f"{g['tokens_per_s']:.0f} tokens/s, MFU {g['mfu']:.1%} of {g['peak'] / 1e12:.0f} TFLOP/s "
+            f"({g['peak_source']})",
+            flush=True,
+        )
+        if jax.devices()[0].platform != "cpu":
+            return  # the CPU-shaped parts below are meant for this CPU
     skip = set(a.skip.split(",")) - {""}
     gib = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
     print(
