@@ -9,16 +9,17 @@ launch/reproduce.py trains 15 runs of this config that differ only by their `--c
 `--config.loss.*` overrides (the original model; strict CYCLE with 4 inits; SEQUENCE with its best init; relaxed
 ranks 16/64/256 x SVD/zero LoRA init; relaxed Stepwise; distillation; early exit), all with the same token budget.
 
-Budget (the default, sized for 2 CPU cores): 16 steps of 4 x 256 tokens = 16,384 tokens per run (246k over the 15
+Budget (the default, sized for 2 CPU cores): 12 steps of 4 x 256 tokens = 12,288 tokens per run (184k over the 15
 runs). Each model is evaluated before and after uptraining on 16 windows of 256 tokens of each held-out tail
 (TinyStories, Shakespeare: 4,096 tokens each) and on the first 20 items of each of the seven tasks, 0-shot.
 
-Cost, estimated from CPU time measured on this 2-core AMD EPYC VM (it was never quiet, so wall time could not be
-measured directly): a training step takes ~25-30 CPU-seconds (~1 TFLOP: 135M parameters, 1,024 tokens, float32), so
-~15 s on 2 quiet cores; one evaluation ~150 CPU-seconds. 15 runs x 16 steps (~1 h), 28 evaluations (~40 min) and
-start-up, conversion and compilation (~10 min) come to about 1 h 55 min. The evaluations are ~40% of it: the step
-count is what the 2-hour budget leaves. `--budget_scale X` multiplies the steps, warmup, checkpoint interval, task
-items and perplexity windows by X.
+Cost, measured on this 2-core AMD EPYC VM (2026-12-01, the first run of this budget): a training step of SmolLM2's
+shape (~1 TFLOP: 135M parameters, 1,024 tokens, float32) takes ~17 s, a run's start-up (conversion, compilation)
+~30 s, and one evaluation (perplexity ~30 s, the seven tasks ~60 s) ~90 s. 15 runs x 12 steps (~58 min, the
+distillation run's teacher adds ~1 min), 28 evaluations (~42 min) and the SEQUENCE init selection (~3 min) come to
+about 1 h 45 min; docs/RESULTS.md quotes the measured total. The first attempt at 16 steps per run projected to
+2 h 05 min, over the 2-hour budget, so the step count is what the budget leaves beside the evaluations.
+`--budget_scale X` multiplies the steps, warmup, checkpoint interval, task items and perplexity windows by X.
 """
 
 from configs import base
@@ -33,13 +34,13 @@ def get_config():
     c.recursion.init = "stepwise"
     c.data.seq_len = 256
     c.data.global_batch_size = 4
-    c.steps = 16  # the default (2-CPU) budget: 16 x 4 x 256 = 16,384 tokens per run
+    c.steps = 12  # the default (2-CPU) budget: 12 x 4 x 256 = 12,288 tokens per run
     c.optim.lr = 1e-4  # shared weights and embeddings
     c.optim.lora_lr = 3e-4  # LoRA factors (relaxed variants)
     c.optim.warmup_steps = 2
     c.optim.weight_decay = 0.0
     c.loss.log_all_loops = False  # intermediate loops are scored by the driver's evals (saves a head forward)
-    c.checkpoint_every = 8  # one mid-run checkpoint to resume from; the final one marks the run finished
+    c.checkpoint_every = 6  # one mid-run checkpoint to resume from; the final one marks the run finished
     c.keep_checkpoints = 1  # ~1.6 GB each (params + Adam state)
     c.log_every = 1
     c.async_checkpoint = False

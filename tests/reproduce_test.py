@@ -76,7 +76,7 @@ def test_dry_run_prints_the_exact_commands(tmp_path):
     lines = dry_run("--out", str(out))
     cmds = commands(lines)
     assert len(cmds) == 15
-    assert "16,384 tokens per run" in lines[0]
+    assert "12,288 tokens per run" in lines[0]
     for v, argv in zip(reproduce.variants(), cmds):
         assert argv[:7] == [
             sys.executable,
@@ -198,7 +198,7 @@ def test_report_renders_a_skeleton_and_full_results(tmp_path):
     out, docs = tmp_path / "out", tmp_path / "docs"
     assert reproduce.main(["--out", str(out), "--docs_dir", str(docs), "--report_only"]) == 0
     text = (docs / "RESULTS.md").read_text()
-    assert "No run has finished yet" in text and "not measured" in text and "16,384 tokens per run" in text
+    assert "No run has finished yet" in text and "not measured" in text and "12,288 tokens per run" in text
     assert f"python -m rrt.train --config configs/reproduce.py --workdir {out}/original --config.steps=16" in text
     assert f"python launch/reproduce.py --out {out} --docs_dir {docs}   # everything" in text
     assert not out.exists()  # --report_only computes and writes nothing in --out
