@@ -64,7 +64,7 @@ def test_every_variant_parses_and_builds():
     from rrt.checkpoints import hf
 
     for v in reproduce.variants("upper"):
-        c = reproduce.load_config(reproduce.DEFAULT_CONFIG, ["--config.steps=40", *v.overrides])
+        c = reproduce.load_config(reproduce.DEFAULT_CONFIG, ["--config.steps=30", *v.overrides])
         cfg, rec = train.model_config(c, hf.config_from_hf(dict(c.arch)))
         assert cfg.n_layers == 30 and cfg.n_loops == (1 if v.name == "original" else 2)
         assert (cfg.rank_attn > 0) == v.name.startswith("relaxed")
@@ -87,7 +87,7 @@ def test_dry_run_prints_the_exact_commands(tmp_path):
             "--workdir",
             str(out / v.name),
         ]
-        assert argv[7:] == ["--config.steps=16", f"--config.data.cache_dir={out}/token_cache", *v.overrides]
+        assert argv[7:] == ["--config.steps=12", f"--config.data.cache_dir={out}/token_cache", *v.overrides]
         assert f"# {v.name}: " in "\n".join(lines)
     assert not out.exists()  # a dry run writes nothing
 
@@ -98,16 +98,16 @@ def test_budget_scale_and_global_overrides(tmp_path):
     )
     [argv] = commands(lines)
     assert argv[7:14] == [
-        "--config.steps=40",
+        "--config.steps=30",
         "--config.optim.warmup_steps=5",
-        "--config.checkpoint_every=20",
+        "--config.checkpoint_every=15",
         "--config.eval.limit=50",
         "--config.eval.max_windows=40",
         f"--config.data.cache_dir={tmp_path}/token_cache",
         "--config.data.global_batch_size=8",
     ]
     assert argv[-1] == "--config.recursion.lora_init=svd"
-    assert "40 steps of 8 x 256" in lines[0]
+    assert "30 steps of 8 x 256" in lines[0]
     assert "40 windows" in lines[1] and "first 50 items" in lines[1]
 
 
@@ -199,7 +199,7 @@ def test_report_renders_a_skeleton_and_full_results(tmp_path):
     assert reproduce.main(["--out", str(out), "--docs_dir", str(docs), "--report_only"]) == 0
     text = (docs / "RESULTS.md").read_text()
     assert "No run has finished yet" in text and "not measured" in text and "12,288 tokens per run" in text
-    assert f"python -m rrt.train --config configs/reproduce.py --workdir {out}/original --config.steps=16" in text
+    assert f"python -m rrt.train --config configs/reproduce.py --workdir {out}/original --config.steps=12" in text
     assert f"python launch/reproduce.py --out {out} --docs_dir {docs}   # everything" in text
     assert not out.exists()  # --report_only computes and writes nothing in --out
     args, rest = reproduce.parse_args(["--out", str(out), "--docs_dir", str(docs)])
