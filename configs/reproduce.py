@@ -13,12 +13,11 @@ Budget (the default, sized for 2 CPU cores): 12 steps of 4 x 256 tokens = 12,288
 runs). Each model is evaluated before and after uptraining on 16 windows of 256 tokens of each held-out tail
 (TinyStories, Shakespeare: 4,096 tokens each) and on the first 20 items of each of the seven tasks, 0-shot.
 
-Cost, measured on this 2-core AMD EPYC VM (2026-12-01, the first run of this budget): a training step of SmolLM2's
-shape (~1 TFLOP: 135M parameters, 1,024 tokens, float32) takes ~17 s, a run's start-up (conversion, compilation)
-~30 s, and one evaluation (perplexity ~30 s, the seven tasks ~60 s) ~90 s. 15 runs x 12 steps (~58 min, the
-distillation run's teacher adds ~1 min), 28 evaluations (~42 min) and the SEQUENCE init selection (~3 min) come to
-about 1 h 45 min; docs/RESULTS.md quotes the measured total. The first attempt at 16 steps per run projected to
-2 h 05 min, over the 2-hour budget, so the step count is what the budget leaves beside the evaluations.
+Cost, measured on this 2-core AMD EPYC VM (2026-12-01, the run behind docs/RESULTS.md): 7,673 s = 2 h 08 min in
+all, 65 min of training (a run takes 3.4-6.0 min: start-up, conversion, compilation and 12 steps of ~17 s; rank 256
+and distillation cost the most) and 61 min of evaluation (28 evaluations of 1.6-2.7 min: perplexity ~40 s, the
+seven tasks ~80 s), plus the SEQUENCE init selection. That is 8 min over the 2-hour target: the evaluations, not the
+steps, are where the next cut belongs (the first attempt at 16 steps per run projected to 2 h 25 min).
 `--budget_scale X` multiplies the steps, warmup, checkpoint interval, task items and perplexity windows by X.
 """
 
