@@ -24,7 +24,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/demo", help="output directory (training workdir is <out>/train)")
     p.add_argument("--steps", type=int, default=None, help="override the config's training steps")
     p.add_argument("--tasks", default=TASKS)
-    p.add_argument("--limit", type=int, default=50, help="items per few-shot task")
+    p.add_argument("--limit", type=int, default=25, help="items per few-shot task")
     p.add_argument("--windows", type=int, default=16, help="perplexity windows of 256 tokens per held-out set")
     return p.parse_args(argv)
 
