@@ -10,8 +10,8 @@ launch/reproduce.py trains 15 runs of this config that differ only by their `--c
 ranks 16/64/256 x SVD/zero LoRA init; relaxed Stepwise; distillation; early exit), all with the same token budget.
 
 Budget (the default, sized for 2 CPU cores): 12 steps of 4 x 256 tokens = 12,288 tokens per run (184k over the 15
-runs). Each model is evaluated before and after uptraining on 16 windows of 256 tokens of each held-out tail
-(TinyStories, Shakespeare: 4,096 tokens each) and on the first 20 items of each of the seven tasks, 0-shot.
+runs). Each model is evaluated before and after uptraining on 8 windows of 256 tokens of each held-out tail
+(TinyStories, Shakespeare: 2,048 tokens each) and on the first 20 items of each of the seven tasks, 0-shot.
 
 Cost, measured on this 2-core AMD EPYC VM (2026-12-01, the run behind docs/RESULTS.md): 7,673 s = 2 h 08 min in
 all, 65 min of training (a run takes 3.4-6.0 min: start-up, conversion, compilation and 12 steps of ~17 s; rank 256
@@ -46,7 +46,7 @@ def get_config():
     # launch/reproduce.py evaluates each model before and after uptraining: every source's held-out tail, 7 tasks.
     c.eval.heldout = ""  # so rrt.train's own final evaluation is skipped (the driver's after-eval covers it)
     c.eval.tasks = ""
-    c.eval.max_windows = 16  # perplexity windows of eval.seq_len tokens per held-out tail
+    c.eval.max_windows = 8  # perplexity windows of eval.seq_len tokens per held-out tail
     c.eval.seq_len = 256
     c.eval.limit = 20  # items per task (the first `limit` of each file)
     c.eval.shots = 0

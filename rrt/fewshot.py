@@ -12,7 +12,9 @@ Design notes.
 * Batching packs several requests into each row of a fixed [batch_size, T] array, with segment ids (attention never
   crosses requests and positions restart at 0, so a packed request scores as it would alone). T is the power of two
   at or above the task's longest request (capped at max_len), so one task compiles one shape; the last batch is
-  padded with empty rows. Packing is best-fit over requests sorted by decreasing length.
+  padded with empty rows. Packing is best-fit over requests sorted by decreasing length. Only the continuation
+  positions of each row (gathered, S per row: the power of two at or above the task's fullest row) go through the
+  final norm and head.
 * Metrics are lm-eval 0.4.13's `ConfigurableTask.process_results`: acc = argmax of summed log-probs; acc_norm =
   argmax of log-prob divided by the choice's length in *characters* (`len(choice)`, without the leading space; the
   harness's byte-normalized variant is a separate `acc_bytes` metric); LAMBADA's acc = every target token is the
@@ -111,27 +113,32 @@ def loglikelihoods(
     lengths = [len(s) - 1 for s in seqs]
     row_len = _row_len(max(lengths), max_len)
     rows = pack(lengths, row_len) if pack_rows else [[i] for i in range(len(seqs))]
+    # Only continuation tokens are scored: the head runs on S gathered positions per row (one shape per task).
+    n_scored = min(row_len, _row_len(max(sum(min(n_cont[i], lengths[i]) for i in row) for row in rows), max_len))
     ll, greedy = None, None
     for b in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress):
         batch = rows[b : b + batch_size]
         tokens = np.zeros((batch_size, row_len), np.int32)
         targets = np.zeros_like(tokens)
         segments = np.zeros_like(tokens)
-        spans = []  # (request, row, start, end) of the scored positions
+        scored = np.zeros((batch_size, n_scored), np.int32)  # positions into the row; padding scores position 0
+        spans = []  # (request, row, start, end) of the request's entries in `scored`
         for r, row in enumerate(batch):
-            off = 0
+            off, k = 0, 0
             for seg, i in enumerate(row, 1):
                 s, n = seqs[i], lengths[i]
                 tokens[r, off : off + n], targets[r, off : off + n], segments[r, off : off + n] = s[:-1], s[1:], seg
-                spans.append((i, r, off + n - n_cont[i], off + n))
-                off += n
-        logp_RxBxT, greedy_RxBxT = scorer(tokens, targets, segments)
+                c = min(n_cont[i], n)
+                scored[r, k : k + c] = np.arange(off + n - c, off + n)
+                spans.append((i, r, k, k + c))
+                off, k = off + n, k + c
+        logp_RxBxS, greedy_RxBxS = scorer(tokens, targets, segments, scored)
         if ll is None:
-            ll = np.zeros((logp_RxBxT.shape[0], len(seqs)), np.float64)
-            greedy = np.zeros((logp_RxBxT.shape[0], len(seqs)), bool)
+            ll = np.zeros((logp_RxBxS.shape[0], len(seqs)), np.float64)
+            greedy = np.zeros((logp_RxBxS.shape[0], len(seqs)), bool)
         for i, r, lo, hi in spans:
-            ll[:, i] = logp_RxBxT[:, r, lo:hi].astype(np.float64).sum(-1)
-            greedy[:, i] = greedy_RxBxT[:, r, lo:hi].all(-1)
+            ll[:, i] = logp_RxBxS[:, r, lo:hi].astype(np.float64).sum(-1)
+            greedy[:, i] = greedy_RxBxS[:, r, lo:hi].all(-1)
     return ll, greedy
 
 

@@ -16,20 +16,25 @@ from rrt import model as model_lib
 
 
 def make_scorer(model: model_lib.Decoder) -> Callable:
-    """Returns score(tokens_BxT, targets_BxT, segment_ids_BxT=None) -> (logprob_RxBxT, greedy_RxBxT) as numpy.
+    """Returns score(tokens_BxT, targets_BxT, segment_ids_BxT=None, positions_BxS=None) -> (logprob, greedy), numpy.
 
     logprob[r, b, t] = log p(targets[b, t] | tokens[b, :t+1]) when exiting after loop r + 1; greedy says whether the
-    target is that exit's argmax.
+    target is that exit's argmax. With positions_BxS (indices into T) only those positions go through the norm and
+    head, and both outputs are [R, B, S] (logprob[r, b, s] is that of position positions[b, s]): few-shot scoring
+    needs only the continuation tokens, and the head (vocabulary x width) costs as much as several layers per token.
     """
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def score(state, tokens_BxT, targets_BxT, segment_ids_BxT):
+    def score(state, tokens_BxT, targets_BxT, segment_ids_BxT, positions_BxS):
         m = nnx.merge(graphdef, state)
         positions = None
         if segment_ids_BxT is not None:
             positions = _segment_positions(segment_ids_BxT)
         _, hiddens_RxBxTxD = m(tokens_BxT, positions, segment_ids_BxT, return_loop_hiddens=True)
+        if positions_BxS is not None:  # gather the scored positions before the head
+            hiddens_RxBxTxD = jnp.take_along_axis(hiddens_RxBxTxD, positions_BxS[None, :, :, None], axis=2)
+            targets_BxT = jnp.take_along_axis(targets_BxT, positions_BxS, axis=1)
 
         def one_exit(h_BxTxD):
             logits = m.logits(h_BxTxD)
@@ -39,8 +44,9 @@ def make_scorer(model: model_lib.Decoder) -> Callable:
 
         return jax.lax.map(one_exit, hiddens_RxBxTxD)
 
-    def run(tokens_BxT, targets_BxT, segment_ids_BxT=None):
-        logp, greedy = score(state, jnp.asarray(tokens_BxT), jnp.asarray(targets_BxT), segment_ids_BxT)
+    def run(tokens_BxT, targets_BxT, segment_ids_BxT=None, positions_BxS=None):
+        pos = None if positions_BxS is None else jnp.asarray(positions_BxS, jnp.int32)
+        logp, greedy = score(state, jnp.asarray(tokens_BxT), jnp.asarray(targets_BxT), segment_ids_BxT, pos)
         return np.asarray(logp), np.asarray(greedy)
 
     return run

@@ -102,13 +102,13 @@ def test_budget_scale_and_global_overrides(tmp_path):
         "--config.optim.warmup_steps=5",
         "--config.checkpoint_every=15",
         "--config.eval.limit=50",
-        "--config.eval.max_windows=40",
+        "--config.eval.max_windows=20",
         f"--config.data.cache_dir={tmp_path}/token_cache",
         "--config.data.global_batch_size=8",
     ]
     assert argv[-1] == "--config.recursion.lora_init=svd"
     assert "30 steps of 8 x 256" in lines[0]
-    assert "40 windows" in lines[1] and "first 50 items" in lines[1]
+    assert "20 windows" in lines[1] and "first 50 items" in lines[1]
 
 
 def test_only_and_bad_arguments(tmp_path):
