@@ -39,7 +39,7 @@ def get_config():
     c.optim.warmup_steps = 2
     c.optim.weight_decay = 0.0
     c.loss.log_all_loops = False  # intermediate loops are scored by the driver's evals (saves a head forward)
-    c.checkpoint_every = 6  # one mid-run checkpoint to resume from; the final one marks the run finished
+    c.checkpoint_every = 12  # the final checkpoint only (it marks the run finished); a run takes 3-6 min
     c.keep_checkpoints = 1  # ~1.6 GB each (params + Adam state)
     c.log_every = 1
     c.async_checkpoint = False

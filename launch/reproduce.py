@@ -99,12 +99,16 @@ def variants(sequence_init: str = UNKNOWN_INIT) -> list[Variant]:
     out.append(sequence_variant(sequence_init))
     for rank in RANKS:
         for lora_init in LORA_INITS:
+            # Zero-init LoRA (B = 0) adds nothing before training: every rank's converted model is the same function,
+            # so the higher ranks share the lowest rank's before-uptraining evaluation.
+            shares = lora_init == "zero" and rank != RANKS[0]
             out.append(
                 Variant(
                     f"relaxed_avg_r{rank}_{lora_init}",
                     recursion(init="average", rank=rank, lora_init=lora_init),
                     "rank",
                     f"relaxed 15 x 2 CYCLE, average init, rank-{rank} LoRA, {lora_init} init",
+                    before_of=f"relaxed_avg_r{RANKS[0]}_zero" if shares else None,
                 )
             )
     out.append(

@@ -177,6 +177,17 @@ def test_zero_init_lora_equals_strict_recursion(tmp_path):
     assert rel_error(rrt_logits(cfg, relaxed), rrt_logits(strict_cfg, strict)) < 1e-6
 
 
+def test_zero_init_lora_is_the_same_function_at_every_rank(tmp_path):
+    """launch/reproduce.py evaluates the zero-init variants' converted model once for all ranks."""
+    base, params = load(llama_hf(), tmp_path)
+    logits = []
+    for rank in (2, 8):
+        rec = convert.Recursion(loops=3, init="average", rank_attn=rank, rank_mlp=rank, lora_init="zero")
+        cfg, relaxed, _ = convert.convert(base, params, rec, progress=False)
+        logits.append(rrt_logits(cfg, relaxed))
+    assert rel_error(logits[0], logits[1]) < 1e-6
+
+
 def test_init_source_layers():
     cfg = dataclasses.replace(
         model_lib.ModelConfig(vocab_size=8, d_model=8, n_layers=30, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=8),
