@@ -13,13 +13,14 @@ Budget (the default, sized for 2 CPU cores): 12 steps of 4 x 256 tokens = 12,288
 runs). Each model is evaluated before and after uptraining on 8 windows of 256 tokens of each held-out tail
 (TinyStories, Shakespeare: 2,048 tokens each) and on the first 20 items of each of the seven tasks, 0-shot.
 
-Cost, measured on this 2-core AMD EPYC VM (2026-12-01/02, the run behind docs/RESULTS.md; nothing else running but two 1-minute nice-19 test runs):
-6,525 s = 1 h 49 min of wall clock in all (`/usr/bin/time`; run in two invocations, 874 s + 5,651 s, the second
-resuming the first): 66 min of training (a run takes 3.7-5.5 min: start-up, conversion, compilation and 12 steps of
-~15-20 s; rank 256 and distillation cost the most) and 41 min of evaluation (26 evaluations of 1.3-2.1 min:
-perplexity ~20 s, the seven tasks ~65 s; the zero-init variants share one before-uptraining evaluation, being the
-same function at every rank), plus the SEQUENCE init selection and conversions. The previous budget (16 perplexity
-windows, the head applied at every position of a few-shot row) took 2 h 08 min.
+Cost, measured on this 2-core AMD EPYC VM (2026-12-01/02, the run behind docs/RESULTS.md; nothing else running but
+two 1-minute nice-19 test runs): 6,525 s = 1 h 49 min of wall clock in all (`/usr/bin/time`; run in two invocations,
+874 s + 5,651 s, the second resuming the first): 66 min of training (a run takes 3.7-5.5 min: start-up, conversion,
+compilation and 12 steps of ~15-20 s; rank 256 and distillation cost the most) and 41 min of evaluation (26
+evaluations of 1.3-2.1 min: perplexity ~20 s, the seven tasks ~65 s; the zero-init variants share one
+before-uptraining evaluation, being the same function at every rank), plus the SEQUENCE init selection and
+conversions. The previous budget (16 perplexity windows, the head applied at every position of a few-shot row) took
+2 h 08 min.
 `--budget_scale X` multiplies the steps, warmup, checkpoint interval, task items and perplexity windows by X.
 """
 

@@ -108,13 +108,15 @@ def loglikelihoods(
     for i, (ctx, cont) in enumerate(encoded):
         if len(cont) > max_len:
             raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_len={max_len}")
+        if not ctx:
+            raise ValueError(f"request {i}: empty context (encode_pairs conditions on a BOS/EOS token instead)")
         seqs.append(np.asarray((ctx + cont)[-(max_len + 1) :], np.int32))
         n_cont.append(len(cont))
     lengths = [len(s) - 1 for s in seqs]
     row_len = _row_len(max(lengths), max_len)
     rows = pack(lengths, row_len) if pack_rows else [[i] for i in range(len(seqs))]
     # Only continuation tokens are scored: the head runs on S gathered positions per row (one shape per task).
-    n_scored = min(row_len, _row_len(max(sum(min(n_cont[i], lengths[i]) for i in row) for row in rows), max_len))
+    n_scored = min(row_len, _row_len(max(sum(n_cont[i] for i in row) for row in rows), max_len))
     ll, greedy = None, None
     for b in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress):
         batch = rows[b : b + batch_size]
@@ -128,7 +130,7 @@ def loglikelihoods(
             for seg, i in enumerate(row, 1):
                 s, n = seqs[i], lengths[i]
                 tokens[r, off : off + n], targets[r, off : off + n], segments[r, off : off + n] = s[:-1], s[1:], seg
-                c = min(n_cont[i], n)
+                c = n_cont[i]
                 scored[r, k : k + c] = np.arange(off + n - c, off + n)
                 spans.append((i, r, k, k + c))
                 off, k = off + n, k + c
