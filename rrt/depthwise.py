@@ -5,9 +5,12 @@ through them. The engine keeps `slots` rows; one engine step runs one loop (`ear
 each row at its own loop index r and sequence position, with its own per-position weights (LoRA factors,
 per-position norms: the [L, ...] stacks are viewed as [R, K, ...] and row b gathers loop r_b). After the loop, the
 exit rule is checked per row; a row whose token exits (or finishes loop R) emits it, and the request's next token
-enters the same row at loop 1 on the next step. A finished request frees its row, and the next queued request
-takes it: its prompt is prefilled separately at full depth (batch 1, `decode.prefill`), its cache rows copied in,
-and its first token (drawn from the prefill's logits) enters at loop 1 at once.
+enters the same row at loop 1 on the next step. A rule that reads logits (max_prob, agreement) needs the head for
+every row after every step; `cosine` decides from the hidden states, and the head then runs only for the rows that
+exit (`early_exit.exit_logits`: compacted to a bucket of rows, none when no row exits). A finished request frees
+its row, and the next queued request takes it: its prompt is prefilled separately at full depth (batch 1,
+`decode.prefill`), its cache rows copied in, and its first token (drawn from the prefill's logits) enters at loop 1
+at once.
 
 Deep KV of an exited token is filled by `early_exit.fill_kv` at the start of the next step (only positions of
 loops > its exit loop; its successor at loop 1 needs none of them yet). Static shapes throughout: slots, cache length
@@ -63,11 +66,17 @@ def step(m: model_lib.Decoder, es: dict, rule: early_exit.ExitRule, sampling, se
     r_count = cfg.n_loops
     cache = early_exit.fill_kv(cfg, weights, es["fill_h"], es["fill_pos"], es["fill_from"], es["cache"])
     entering = es["loop"] == 0
-    x = jnp.where(entering[:, None], m.embed_tokens(es["token"][:, None])[:, 0], es["x"])
-    x, cache = early_exit.run_loop(cfg, weights, x, es["loop"], es["pos"], cache)
-    logits = m.logits(x)
-    fire = early_exit.confident(rule, logits, es["prev"], es["loop"]) | (es["loop"] == r_count - 1)
-    emit = fire & es["active"]
+    x_in = jnp.where(entering[:, None], m.embed_tokens(es["token"][:, None])[:, 0], es["x"])
+    x, cache = early_exit.run_loop(cfg, weights, x_in, es["loop"], es["pos"], cache)
+    last = es["loop"] == r_count - 1
+    if rule.needs_logits:  # the head for every slot
+        logits = m.logits(x)
+        emit = early_exit.confident(rule, es["loop"], logits_BxV=logits, prev_argmax_B=es["prev"]) | last
+        emit &= es["active"]
+        prev = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:  # decide from the hidden states, then the head for the exiting slots only
+        emit = (early_exit.confident(rule, es["loop"], x_in_BxD=x_in, x_out_BxD=x) | last) & es["active"]
+        logits, prev = early_exit.exit_logits(m, x, emit), es["prev"]
     tok = decode.sample(sampling, logits, decode.token_keys(seed, es["rid"], es["count"]))
     finished = emit & (es["remaining"] <= 1)
     if eos_id is not None:
@@ -78,7 +87,7 @@ def step(m: model_lib.Decoder, es: dict, rule: early_exit.ExitRule, sampling, se
         "token": jnp.where(emit, tok, es["token"]),
         "loop": jnp.where(emit | ~es["active"], 0, es["loop"] + 1),
         "pos": es["pos"] + emit,
-        "prev": jnp.argmax(logits, axis=-1).astype(jnp.int32),
+        "prev": prev,
         "active": es["active"] & ~finished,
         "remaining": es["remaining"] - emit,
         "rid": es["rid"],

@@ -4,6 +4,10 @@ Exiting after loop r means applying the final norm and head to the hidden state 
 the token is drawn from those logits. Rules (`ExitRule`), checked after every loop, the last loop always exiting:
   max_prob   the exit's largest softmax probability >= threshold (a threshold > 1 never fires)
   agreement  the exit's argmax equals the previous loop's argmax (possible from loop 2 on)
+  cosine     the loop barely turned the hidden state: cos(state after the loop, state before it) >= threshold (the
+             state before loop 1 is the token embedding; a threshold > 1 never fires). It reads no logits, so the
+             head runs only for the tokens that exit (`exit_logits`), once per token as at full depth, instead of
+             after every loop for every token.
 
 Deep-KV fill policy ("copy hidden state", CALM's state propagation). A token that exits after loop e never runs
 the depth positions of loops e+1..R, yet later tokens attend to their keys and values at those positions. We fill
@@ -28,7 +32,7 @@ import jax.numpy as jnp
 from rrt import lora
 from rrt import model as model_lib
 
-RULES = ("max_prob", "agreement")
+RULES = ("max_prob", "agreement", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +40,7 @@ class ExitRule:
     """When a token may leave after a loop (see the module docstring)."""
 
     kind: str = "max_prob"
-    threshold: float = 0.9  # max_prob only
+    threshold: float = 0.9  # max_prob and cosine
     min_loops: int = 1  # never exit before this many loops
 
     def __post_init__(self):
@@ -45,14 +49,61 @@ class ExitRule:
         if self.min_loops < 1:
             raise ValueError(f"ExitRule: min_loops must be >= 1, got {self.min_loops}")
 
+    @property
+    def needs_logits(self) -> bool:
+        """Whether the rule reads every loop's logits (then the head runs after every loop for every token)."""
+        return self.kind != "cosine"
 
-def confident(rule: ExitRule, logits_BxV: jax.Array, prev_argmax_B: jax.Array, loop) -> jax.Array:
-    """bool[B]: whether the rule lets each row exit after 0-based loop `loop` (scalar or [B])."""
+
+def cosine(a_BxD: jax.Array, b_BxD: jax.Array) -> jax.Array:
+    """float32[B]: the cosine similarity of the rows (0 where either is zero)."""
+    a, b = a_BxD.astype(jnp.float32), b_BxD.astype(jnp.float32)
+    norms = jnp.sqrt(jnp.sum(a * a, axis=-1) * jnp.sum(b * b, axis=-1))
+    return jnp.sum(a * b, axis=-1) / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny)
+
+
+def confident(rule: ExitRule, loop, *, logits_BxV=None, prev_argmax_B=None, x_in_BxD=None, x_out_BxD=None):
+    """bool[B]: whether the rule lets each row exit after 0-based loop `loop` (scalar or [B]). max_prob reads the
+    loop's logits, agreement those and the previous loop's argmax, cosine the hidden states before and after."""
     if rule.kind == "max_prob":
         ok = jnp.max(jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1), axis=-1) >= rule.threshold
-    else:
+    elif rule.kind == "agreement":
         ok = (jnp.argmax(logits_BxV, axis=-1) == prev_argmax_B) & (loop >= 1)
+    else:
+        ok = cosine(x_in_BxD, x_out_BxD) >= rule.threshold
     return ok & (loop + 1 >= rule.min_loops)
+
+
+def head_buckets(rows: int) -> tuple[int, ...]:
+    """The row counts `exit_logits` compiles the head for: powers of two below `rows`, and `rows`."""
+    sizes, n = [], 1
+    while n < rows:
+        sizes.append(n)
+        n *= 2
+    return tuple(sizes) + (rows,)
+
+
+def exit_logits(model: model_lib.Decoder, x_BxD: jax.Array, rows_B: jax.Array) -> jax.Array:
+    """float32[B, V]: the exit logits (final norm and head) of the rows where `rows_B` holds; other rows are zero.
+
+    The head runs on those rows only, compacted to the smallest bucket (`head_buckets`) that holds them, the
+    bucket chosen at run time by `lax.switch` (shapes stay static; only the taken branch runs); with no row, no
+    head at all. A bucket larger than the count also computes a few other rows, which are then discarded."""
+    b = x_BxD.shape[0]
+    count = jnp.sum(rows_B.astype(jnp.int32))
+    order = jnp.argsort(~rows_B, stable=True)  # the selected rows first, in row order
+    zeros = jnp.zeros((b, model.cfg.vocab_size), jnp.float32)
+
+    def bucket(n):
+        def run():
+            idx = order[:n]
+            return zeros.at[idx].set(model.logits(x_BxD[idx]).astype(jnp.float32))
+
+        return run
+
+    sizes = head_buckets(b)
+    branch = jnp.where(count == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes), count))
+    return jax.lax.switch(branch, [lambda: zeros] + [bucket(n) for n in sizes])
 
 
 def kv_projection(cfg: model_lib.ModelConfig, w: dict, x_BxTxD: jax.Array, positions_BxT: jax.Array):
@@ -162,7 +213,8 @@ def run_loop(cfg: model_lib.ModelConfig, weights: dict, x_BxD, loop, positions_B
 def step(model: model_lib.Decoder, rule: ExitRule, tokens_B, positions_B, active_B, cache: dict):
     """One token per row with early exit, static batching: loops run for the whole batch until every active row
     has exited (the batch waits for its slowest token); exited rows keep their hidden state. Then the deep KV of
-    every row is filled by the policy. Returns (exit logits [B, V], loops used [B], cache)."""
+    every row is filled by the policy. A rule that reads logits runs the head after every loop; `cosine` runs it
+    once, on the exit states. Returns (exit logits [B, V], loops used [B], cache)."""
     cfg = model.cfg
     r_count = cfg.n_loops
     weights = model.weights()
@@ -176,23 +228,32 @@ def step(model: model_lib.Decoder, rule: ExitRule, tokens_B, positions_B, active
     def body(c):
         r, x, done, loops, out_logits, prev, cache = c
         y, cache = run_loop(cfg, weights, x, r, positions_B, cache)
-        x = jnp.where(done[:, None], x, y)
-        logits = model.logits(x)
-        fire = confident(rule, logits, prev, r) | (r == r_count - 1)
+        if rule.needs_logits:
+            x = jnp.where(done[:, None], x, y)
+            logits = model.logits(x)
+            fire = confident(rule, r, logits_BxV=logits, prev_argmax_B=prev)
+            prev = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            fire = confident(rule, r, x_in_BxD=x, x_out_BxD=y)
+            x = jnp.where(done[:, None], x, y)
+        fire |= r == r_count - 1
         new = fire & ~done
-        out_logits = jnp.where(new[:, None], logits, out_logits)
+        if rule.needs_logits:
+            out_logits = jnp.where(new[:, None], logits, out_logits)
         loops = jnp.where(new, r + 1, loops)
-        return r + 1, x, done | fire, loops, out_logits, jnp.argmax(logits, axis=-1), cache
+        return r + 1, x, done | fire, loops, out_logits, prev, cache
 
     init = (
         jnp.int32(0),
         x,
         ~active_B,
         jnp.full((b,), r_count, jnp.int32),
-        jnp.zeros((b, cfg.vocab_size), jnp.float32),
+        jnp.zeros((b, cfg.vocab_size) if rule.needs_logits else (b, 0), jnp.float32),
         jnp.full((b,), -1, jnp.int32),
         cache,
     )
     _, x, _, loops, logits, _, cache = jax.lax.while_loop(cond, body, init)
+    if not rule.needs_logits:  # the head once, on every row's exit state
+        logits = model.logits(x).astype(jnp.float32)
     cache = fill_kv(cfg, weights, x, positions_B, loops, cache)
     return logits, loops, cache

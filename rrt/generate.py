@@ -4,10 +4,11 @@
         --max_new_tokens 32 [--temperature 0.8 --top_k 50 --top_p 0.95 --seed 0] \
         [--exit_rule max_prob --exit_threshold 0.9 [--depthwise_slots 4]]
 
-Greedy by default. `--exit_threshold` (or `--exit_rule agreement`) turns on per-token early exit after each loop of
-a recursive model; `--depthwise_slots N` serves the prompts with the continuous depth-wise batching engine instead of
-one static batch (the text is the same; see docs/DECODING.md). Several `--prompt`s decode together. The prompt gets
-the tokenizer's BOS when its configuration asks for one; generation stops at EOS unless `--ignore_eos`.
+Greedy by default. `--exit_threshold` (or `--exit_rule agreement`, or `--exit_rule cosine --exit_threshold 0.97`)
+turns on per-token early exit after each loop of a recursive model; `--depthwise_slots N` serves the prompts with
+the continuous depth-wise batching engine instead of one static batch (the text is the same; see docs/DECODING.md).
+Several `--prompt`s decode together. The prompt gets the tokenizer's BOS when its configuration asks for one;
+generation stops at EOS unless `--ignore_eos`.
 """
 
 import argparse
@@ -30,7 +31,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exit_rule", choices=early_exit.RULES, default=None, help="early exit (default: none)")
     p.add_argument(
-        "--exit_threshold", type=float, default=None, help="max_prob threshold; implies --exit_rule max_prob"
+        "--exit_threshold",
+        type=float,
+        default=None,
+        help="max_prob or cosine threshold; alone, implies --exit_rule max_prob",
     )
     p.add_argument("--min_exit_loops", type=int, default=1, help="never exit before this many loops")
     p.add_argument("--depthwise_slots", type=int, default=0, help="serve with the depth-wise engine and N slots")
@@ -41,10 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--max_new_tokens must be >= 1")
     if args.exit_threshold is not None and args.exit_rule is None:
         args.exit_rule = "max_prob"
-    if args.exit_rule == "max_prob" and args.exit_threshold is None:
-        p.error("--exit_rule max_prob needs --exit_threshold")
+    if args.exit_rule in ("max_prob", "cosine") and args.exit_threshold is None:
+        p.error(f"--exit_rule {args.exit_rule} needs --exit_threshold")
+    if args.exit_rule == "agreement" and args.exit_threshold is not None:
+        p.error("--exit_rule agreement takes no --exit_threshold")
     if args.depthwise_slots and args.exit_rule is None:
-        p.error("--depthwise_slots needs an exit rule (--exit_threshold or --exit_rule agreement)")
+        p.error("--depthwise_slots needs an exit rule (--exit_threshold, or --exit_rule agreement or cosine)")
     return args
 
 

@@ -81,6 +81,58 @@ def test_never_firing_exit_is_full_depth():
         assert rel_error(a, b) < 1e-5
 
 
+def test_never_firing_cosine_exit_is_full_depth():
+    m = tiny("cycle", 4)
+    ps = prompts()
+    full = decode.generate(m, ps, NEW, return_logits=True)
+    never = decode.generate(m, ps, NEW, rule=early_exit.ExitRule("cosine", 1.5), return_logits=True)
+    assert never.tokens == full.tokens
+    assert all(x == [m.cfg.n_loops] * NEW for x in never.loops)
+    for a, b in zip(never.logits, full.logits):
+        assert rel_error(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["cycle", "sequence"])
+def test_cosine_exit_follows_the_hidden_states(strategy):
+    """The first decoded token of each prompt sees only the prefill's full-depth cache, so its states after each
+    loop are the full forward's. It must exit at the first loop whose output has cosine >= 0.8 with that loop's
+    input (loop 1's input: the embedding), computed here in numpy, and its logits must be the head of that state."""
+    m = tiny(strategy, 4, seed=2)
+    ps = prompts(5, (4, 6, 3, 9, 5, 7, 8, 2, 11, 6, 5, 10))
+    threshold = 0.8
+    out = decode.generate(m, ps, 2, rule=early_exit.ExitRule("cosine", threshold), return_logits=True)
+    seqs, _ = decode.padded_prompts([p + t[:1] for p, t in zip(ps, out.tokens)], len(ps))
+    full_logits, hiddens = forward(m, seqs)
+    embed = np.asarray(model_lib.flat_params(m)["embed"])
+    want_loops = []
+    for i, p in enumerate(ps):
+        t = len(p)  # the first decoded token's position
+        states = [embed[seqs[i, t]]] + [hiddens[r, i, t] for r in range(m.cfg.n_loops)]
+        cos = [a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(states[1:], states[:-1])]
+        exit_loop = next((r + 1 for r, c in enumerate(cos) if c >= threshold), m.cfg.n_loops)
+        want_loops.append(exit_loop)
+        exit_logits = np.asarray(m.logits(jnp.asarray(hiddens[exit_loop - 1, i, t])))
+        assert rel_error(out.logits[i][1], exit_logits) < 1e-5
+    assert [x[1] for x in out.loops] == want_loops
+    assert len(set(want_loops)) > 1, "the threshold should give mixed depths"
+
+
+def test_exit_logits_runs_the_head_for_the_chosen_rows():
+    m = tiny("cycle", 4)
+    x = jax.random.normal(jax.random.key(0), (8, m.cfg.d_model))
+    full = np.asarray(m.logits(x))
+    fn = jax.jit(lambda x, rows: early_exit.exit_logits(m, x, rows))
+    rng = np.random.default_rng(0)
+    for count in (0, 1, 2, 3, 5, 8):
+        rows = np.zeros(8, bool)
+        rows[rng.choice(8, count, replace=False)] = True
+        got = np.asarray(fn(x, jnp.asarray(rows)))
+        np.testing.assert_allclose(got[rows], full[rows], rtol=1e-5, atol=1e-5)
+        computed = int((np.abs(got).sum(-1) > 0).sum())  # the head ran on the smallest bucket holding the rows
+        assert computed == min([n for n in (1, 2, 4, 8) if n >= count], default=0) if count else computed == 0
+    assert early_exit.head_buckets(8) == (1, 2, 4, 8) and early_exit.head_buckets(6) == (1, 2, 4, 6)
+
+
 @pytest.mark.parametrize("strategy", ["cycle", "sequence"])
 def test_deep_kv_of_exited_tokens_follow_the_policy(strategy):
     """Threshold 0: every decoded token exits after loop 1. Its hidden state there is the full forward's loop-1

@@ -34,6 +34,20 @@ def test_engine_equals_decoding_alone_greedy(strategy):
     assert got.busy_slot_steps > got.steps  # both rows were in use at once
 
 
+@pytest.mark.parametrize("strategy", ["cycle", "sequence"])
+def test_engine_equals_decoding_alone_cosine(strategy):
+    """The head-free rule: the engine runs the head only for the slots that exit, static batching once per token."""
+    m = tiny(strategy, 4, seed=2)
+    ps = prompts(3, LENGTHS)
+    rule = early_exit.ExitRule("cosine", 0.8)
+    want = alone(m, ps, rule)
+    got = depthwise.generate(m, ps, BUDGETS, slots=3, rule=rule, max_len=MAX_LEN, n_steps=2)
+    assert got.tokens == want.tokens
+    assert got.loops == want.loops
+    decoded = np.concatenate([x[1:] for x in got.loops])
+    assert len(set(decoded.tolist())) > 1, "the rule should exit at mixed depths"
+
+
 def test_engine_equals_decoding_alone_agreement_sampled_eos():
     m = tiny("cycle", 4, seed=3)
     ps = prompts(4, LENGTHS)

@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="static batch size = depth-wise slots")
     p.add_argument("--thresholds", default="0.9", help="comma-separated max_prob thresholds")
     p.add_argument("--agreement", action="store_true", help="also the agreement rule (argmax equals last loop's)")
+    p.add_argument("--cosine", default="", help="comma-separated cosine thresholds (the head-free rule)")
     p.add_argument("--n_steps", type=int, default=1, help="engine steps per device call")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default=None, help="cast parameters (float32, bfloat16)")
@@ -107,21 +108,24 @@ def agreement(model, prompts, out: decode.Generation, ref: decode.Generation) ->
     return float(same.mean()), float(np.mean([a == b for a, b in zip(out.tokens, ref.tokens)]))
 
 
-def cost_ceiling(cfg: model_lib.ModelConfig, depth: float) -> tuple[float, float]:
+def cost_ceiling(cfg: model_lib.ModelConfig, depth: float, head_every_loop: bool = True) -> tuple[float, float]:
     """Attainable speedup of (c) over (a) by multiply-adds, (head only, all work): (a) runs per token L positions
-    (layer + its LoRA) and one head; (c) runs per engine step K positions and a head for every slot, and a token
-    takes `depth` steps. "Head only" counts layers and heads; "all work" adds what (c) does beyond that: each slot
-    applies the LoRA of all R loops at a position (grouped, `lora.delta`) and the deep-KV fill projects k and v at
-    all L positions (whenever any slot needs a fill, nearly every step). Attention over the cache is left out."""
+    (layer + its LoRA) and one head; (c) runs per engine step K positions, and a token takes `depth` steps. A rule
+    that reads logits runs the head for every slot at every step (`head_every_loop`); `cosine` runs it once per
+    token, for the exiting slots only. "Head only" counts layers and heads; "all work" adds what (c) does beyond
+    that: each slot applies the LoRA of all R loops at a position (grouped, `lora.delta`) and the deep-KV fill
+    projects k and v at all L positions (whenever any slot needs a fill, nearly every step). Attention over the
+    cache is left out."""
     dims = cfg.projections()
     layer = sum(i * o for i, o in dims.values())
     lora = sum(cfg.rank(n) * (i + o) for n, (i, o) in dims.items()) if cfg.relaxed else 0
     kv = sum(i * o + (cfg.rank(n) * (i + o) if cfg.relaxed else 0) for n, (i, o) in dims.items() if n in ("k", "v"))
     head = cfg.d_model * cfg.vocab_size
     full = cfg.n_layers * (layer + lora) + head
-    head_only = (cfg.n_layers * layer + head) / (depth * (cfg.n_shared * layer + head))
+    step_head = head if head_every_loop else head / depth  # per token: a head per loop, or one
+    head_only = (cfg.n_layers * layer + head) / (depth * (cfg.n_shared * layer + step_head))
     groups = cfg.n_loops if cfg.strategy == "cycle" else 1
-    step = cfg.n_shared * (layer + groups * lora) + head + cfg.n_layers * kv
+    step = cfg.n_shared * (layer + groups * lora) + step_head + cfg.n_layers * kv
     return head_only, full / (depth * step)
 
 
@@ -150,6 +154,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rules = [early_exit.ExitRule("max_prob", float(t)) for t in args.thresholds.split(",") if t]
     rules += [early_exit.ExitRule("agreement")] if args.agreement else []
+    rules += [early_exit.ExitRule("cosine", float(t)) for t in args.cosine.split(",") if t]
     print("tokens/s by wall clock; c/a and frac by wall clock, then by CPU time")
     print(
         f"{'rule':>16} | {'(a)':>7} | {'(b)':>7} {'agree':>5} {'same':>4} | {'(c)':>7} {'agree':>5} {'same':>4} "
@@ -161,12 +166,12 @@ def main(argv=None) -> int:
         depth = float(np.mean(np.concatenate([x[1:] for x in c.loops])))
         a_tps, b_tps, c_tps = (decoded(x) / x.decode_seconds for x in (full, b, c))
         (b_agree, b_same), (c_agree, c_same) = agreement(model, prompts, b, full), agreement(model, prompts, c, full)
-        name = f"max_prob>={rule.threshold:g}" if rule.kind == "max_prob" else "agreement"
+        name = "agreement" if rule.kind == "agreement" else f"{rule.kind}>={rule.threshold:g}"
         ideal, speedup, cpu_speedup = r / depth, c_tps / a_tps, cpu["a"] / cpu["c"]
         print(f"{name:>16} | {a_tps:7.1f} | {b_tps:7.1f} {b_agree:5.2f} {b_same:4.2f} | {c_tps:7.1f} {c_agree:5.2f} "
               f"{c_same:4.2f} {str(b.tokens == c.tokens):>4} | {depth:5.2f} {ideal:5.2f} | {speedup:5.2f} "
               f"{speedup / ideal:5.2f} | {cpu_speedup:5.2f} {cpu_speedup / ideal:5.2f} | "
-              "{:>11.2f} {:>4.2f}".format(*cost_ceiling(cfg, depth)), flush=True)  # fmt: skip
+              "{:>11.2f} {:>4.2f}".format(*cost_ceiling(cfg, depth, rule.needs_logits)), flush=True)  # fmt: skip
     print(f"load average {os.getloadavg()[0]:.1f}; total {time.perf_counter() - t0:.0f}s")
     return 0
 
