@@ -91,8 +91,11 @@ def test_generate_cli(tmp_path, capsys):
     rrt_dir.save(path, m.cfg, {k: np.asarray(v) for k, v in flat_params(m).items()}, tokenizer=tok)
     base = ["--source", path, "--prompt", "w3 w7 w11", "--max_new_tokens", "4", "--ignore_eos"]
     texts = []
-    for extra in ([], ["--exit_threshold", "1.5"], ["--exit_threshold", "1.5", "--depthwise_slots", "2"]):
+    cosine = ["--exit_rule", "cosine", "--exit_threshold", "1.5", "--depthwise_slots", "2"]
+    for extra in ([], ["--exit_threshold", "1.5"], ["--exit_threshold", "1.5", "--depthwise_slots", "2"], cosine):
         assert generate.main(base + extra) == 0
         texts.append(capsys.readouterr().out.splitlines()[0])
     assert texts[0].startswith("w3 w7 w11") and len(texts[0].split()) > 3
-    assert texts[0] == texts[1] == texts[2]
+    assert texts[0] == texts[1] == texts[2] == texts[3]
+    with pytest.raises(SystemExit):  # cosine needs its threshold
+        generate.parse_args(base + ["--exit_rule", "cosine"])

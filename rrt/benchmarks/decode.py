@@ -1,7 +1,7 @@
 """Decoding throughput: static vs continuous depth-wise batching, with and without early exit (wall clock).
 
     python -m rrt.convert --source <SmolLM2 .gguf> --out runs/smollm2_6x5_r64 --loops 5 --rank 64
-    python -m rrt.benchmarks.decode --source runs/smollm2_6x5_r64 --thresholds 0.9,0.5,0.2 --agreement
+    python -m rrt.benchmarks.decode --source runs/smollm2_6x5_r64 --thresholds 0.9,0.5,0.2 --agreement --cosine 0.9
 
 For every exit rule it measures, on the same prompts (the first `--prompt_tokens` tokens of TinyStories paragraphs,
 EOS ignored so every request generates exactly `--max_new_tokens`):
@@ -17,10 +17,11 @@ differing token makes the rest of a sequence diverge; `same`: the fraction of re
 (a)'s); whether (b) and (c) give the same tokens (they must); and the speedup c/a of (c) over (a) against the
 ideal R / d (`frac` = achieved / ideal), by wall clock and by this process's CPU time (on a machine shared with
 other jobs the CPU time, summed over XLA's threads, is the steadier measure of the work done). The ideal ignores
-what early exit adds per loop: the LM head (final norm and the [D, V] matmul, 28M multiply-adds for SmolLM2, as
-much as 8 of its layers), the per-slot LoRA gathers and the deep-KV fill. The two `ceiling` columns are
-what the multiply-adds allow (`cost_ceiling`): with the head counted, (L layers + head) / (d (K layers + head)), and
-with all of (c)'s extra work (each slot's grouped LoRA over the R loops, the deep-KV fill).
+what early exit adds: the LM head (final norm and the [D, V] matmul, 28M multiply-adds for SmolLM2, as much as 8
+of its layers) after every loop with the logit rules (max_prob, agreement; `cosine` runs it once per token, for the
+exiting slots only), the per-slot LoRA gathers and the deep-KV fill. The two `ceiling` columns are what the
+multiply-adds allow (`cost_ceiling`): with the head counted, and with all of (c)'s extra work (each slot's grouped
+LoRA over the R loops, the deep-KV fill).
 """
 
 import argparse
@@ -51,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--thresholds", default="0.9", help="comma-separated max_prob thresholds")
     p.add_argument("--agreement", action="store_true", help="also the agreement rule (argmax equals last loop's)")
     p.add_argument("--cosine", default="", help="comma-separated cosine thresholds (the head-free rule)")
-    p.add_argument("--n_steps", type=int, default=1, help="engine steps per device call")
+    p.add_argument("--n_steps", type=int, default=4, help="engine steps per device call")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default=None, help="cast parameters (float32, bfloat16)")
     return p.parse_args(argv)
