@@ -79,7 +79,7 @@ def prefill(graphdef, state, tokens_BxT, lengths_B, request_ids_B, cache, *, sam
     m = nnx.merge(graphdef, state)
     positions = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     x, _, cache = model_lib.stack(m.cfg, m.weights(), m.embed_tokens(tokens_BxT), positions, None, cache)
-    logits = m.logits(x[jnp.arange(x.shape[0]), lengths_B - 1])
+    logits = m.logits_rows(x[jnp.arange(x.shape[0]), lengths_B - 1])
     keys = token_keys(seed, request_ids_B, jnp.zeros_like(request_ids_B))
     return sample(sampling, logits, keys), logits, cache
 
@@ -108,7 +108,7 @@ def decode_step(
         x, cache = jax.lax.fori_loop(
             0, r_count, lambda r, c: early_exit.run_loop(m.cfg, weights, c[0], r, positions_B, c[1]), (x, cache)
         )
-        logits, loops = m.logits(x), jnp.full(tokens_B.shape, r_count, jnp.int32)
+        logits, loops = m.logits_rows(x), jnp.full(tokens_B.shape, r_count, jnp.int32)
     else:
         logits, loops, cache = early_exit.step(m, rule, tokens_B, positions_B, active_B, cache)
     tokens = sample(sampling, logits, token_keys(seed, request_ids_B, counts_B))

@@ -70,7 +70,7 @@ def step(m: model_lib.Decoder, es: dict, rule: early_exit.ExitRule, sampling, se
     x, cache = early_exit.run_loop(cfg, weights, x_in, es["loop"], es["pos"], cache)
     last = es["loop"] == r_count - 1
     if rule.needs_logits:  # the head for every slot
-        logits = m.logits(x)
+        logits = m.logits_rows(x)
         emit = early_exit.confident(rule, es["loop"], logits_BxV=logits, prev_argmax_B=es["prev"]) | last
         emit &= es["active"]
         prev = jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -97,7 +97,7 @@ def exit_logits(model: model_lib.Decoder, x_BxD: jax.Array, rows_B: jax.Array) -
     def bucket(n):
         def run():
             idx = order[:n]
-            return zeros.at[idx].set(model.logits(x_BxD[idx]).astype(jnp.float32))
+            return zeros.at[idx].set(model.logits_rows(x_BxD[idx]).astype(jnp.float32))
 
         return run
 
@@ -230,7 +230,7 @@ def step(model: model_lib.Decoder, rule: ExitRule, tokens_B, positions_B, active
         y, cache = run_loop(cfg, weights, x, r, positions_B, cache)
         if rule.needs_logits:
             x = jnp.where(done[:, None], x, y)
-            logits = model.logits(x)
+            logits = model.logits_rows(x)
             fire = confident(rule, r, logits_BxV=logits, prev_argmax_B=prev)
             prev = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
@@ -254,6 +254,6 @@ def step(model: model_lib.Decoder, rule: ExitRule, tokens_B, positions_B, active
     )
     _, x, _, loops, logits, _, cache = jax.lax.while_loop(cond, body, init)
     if not rule.needs_logits:  # the head once, on every row's exit state
-        logits = model.logits(x).astype(jnp.float32)
+        logits = model.logits_rows(x)
     cache = fill_kv(cfg, weights, x, positions_B, loops, cache)
     return logits, loops, cache

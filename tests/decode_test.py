@@ -117,6 +117,15 @@ def test_cosine_exit_follows_the_hidden_states(strategy):
     assert len(set(want_loops)) > 1, "the threshold should give mixed depths"
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_rows_is_the_head(tied):
+    """The decoding head ([V, N] then transposed) gives `logits`' values (checked against HF in hf_parity_test)."""
+    m = tiny("cycle", 4, tie_embeddings=tied)
+    for n in (1, 3, 8):
+        x = jax.random.normal(jax.random.key(n), (n, m.cfg.d_model))
+        np.testing.assert_allclose(jax.jit(m.logits_rows)(x), m.logits(x), rtol=1e-5, atol=1e-5)
+
+
 def test_exit_logits_runs_the_head_for_the_chosen_rows():
     m = tiny("cycle", 4)
     x = jax.random.normal(jax.random.key(0), (8, m.cfg.d_model))
