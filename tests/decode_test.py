@@ -70,22 +70,12 @@ def test_cached_decoding_equals_full_forward(strategy, rank):
         assert toks == np.argmax(full, axis=-1).tolist()
 
 
-def test_never_firing_exit_is_full_depth():
+@pytest.mark.parametrize("kind", ["max_prob", "cosine"])
+def test_never_firing_exit_is_full_depth(kind):
     m = tiny("cycle", 4)
     ps = prompts()
     full = decode.generate(m, ps, NEW, return_logits=True)
-    never = decode.generate(m, ps, NEW, rule=early_exit.ExitRule("max_prob", 1.5), return_logits=True)
-    assert never.tokens == full.tokens
-    assert all(x == [m.cfg.n_loops] * NEW for x in never.loops)
-    for a, b in zip(never.logits, full.logits):
-        assert rel_error(a, b) < 1e-5
-
-
-def test_never_firing_cosine_exit_is_full_depth():
-    m = tiny("cycle", 4)
-    ps = prompts()
-    full = decode.generate(m, ps, NEW, return_logits=True)
-    never = decode.generate(m, ps, NEW, rule=early_exit.ExitRule("cosine", 1.5), return_logits=True)
+    never = decode.generate(m, ps, NEW, rule=early_exit.ExitRule(kind, 1.5), return_logits=True)
     assert never.tokens == full.tokens
     assert all(x == [m.cfg.n_loops] * NEW for x in never.loops)
     for a, b in zip(never.logits, full.logits):
