@@ -97,7 +97,7 @@ def exit_logits(model: model_lib.Decoder, x_BxD: jax.Array, rows_B: jax.Array) -
     def bucket(n):
         def run():
             idx = order[:n]
-            return zeros.at[idx].set(model.logits_rows(x_BxD[idx]).astype(jnp.float32))
+            return zeros.at[idx].set(model.logits_rows(x_BxD[idx]))
 
         return run
 

@@ -268,10 +268,13 @@ class Decoder(nnx.Module):
             x = x * jnp.asarray(math.sqrt(self.cfg.d_model), dtype)
         return x
 
+    def final_norm_of(self, x: jax.Array) -> jax.Array:
+        bias = self.final_norm_bias[...] if self.cfg.norm == "layer" else None
+        return norm(self.cfg, x, self.final_norm[...], bias)
+
     def logits(self, x_BxTxD: jax.Array) -> jax.Array:
         """Final norm and head; float32 logits."""
-        bias = self.final_norm_bias[...] if self.cfg.norm == "layer" else None
-        h = norm(self.cfg, x_BxTxD, self.final_norm[...], bias)
+        h = self.final_norm_of(x_BxTxD)
         head = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
         return jnp.einsum("...d,dv->...v", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
 
@@ -279,8 +282,7 @@ class Decoder(nnx.Module):
         """`logits` of a few rows [N, D] (decoding), computed as [V, N] and transposed after a barrier. Same values;
         on XLA:CPU the [N, D] x [D, V] dot with few rows gets a slow kernel (measured on 2 cores, SmolLM2's head:
         16-18 ms for 2-8 rows, against 10-13 ms this way); elsewhere the barrier only costs an [N, V] transpose."""
-        bias = self.final_norm_bias[...] if self.cfg.norm == "layer" else None
-        h_NxD = norm(self.cfg, x_NxD, self.final_norm[...], bias)
+        h_NxD = self.final_norm_of(x_NxD)
         if self.cfg.tie_embeddings:
             w, spec = self.embed[...], "vd,nd->vn"
         else:

@@ -10,6 +10,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import needs
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,7 +22,15 @@ from rrt.checkpoints import gguf
 from rrt.checkpoints import tokenizer as tokenizer_lib
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(DATA_DIR, "eval")), reason="no ../shared/data/eval")
+
+
+@pytest.fixture
+def shared_data():
+    if not os.path.isdir(os.path.join(DATA_DIR, "eval")):
+        needs.missing(f"{DATA_DIR}/eval: no such directory")
+
+
+needs_data = pytest.mark.usefixtures("shared_data")
 CFG = model_lib.ModelConfig(
     vocab_size=49152,
     d_model=32,

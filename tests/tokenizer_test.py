@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 
+import needs
 import pytest
 import sentencepiece
 import tokenizers
@@ -25,7 +26,7 @@ def smollm2():
     try:
         path = gguf.smollm2_gguf_path()
     except FileNotFoundError as e:
-        pytest.skip(str(e))
+        needs.missing(str(e))
     return path, tokenizer.load_tokenizer(path)
 
 
