@@ -10,18 +10,18 @@ v5e-256 at 40% MFU. Strict recursion (rank 0); see recursive_gemma_1b_relaxed.py
 
 from ml_collections import config_dict
 
-from configs import archs, base
+from rrt import archs, config
 
 
 def get_config():
-    c = base.get_config()
+    c = config.get_config()
     c.source = config_dict.placeholder(str)  # a Hugging Face google/gemma-2b directory (config.json + safetensors)
     c.arch = archs.GEMMA_2B  # for shape checks only; the checkpoint's config.json wins
     c.recursion.loops = 2
     c.recursion.strategy = "cycle"
     c.recursion.init = "stepwise"
     c.data.sources = [dict(kind="tfds", name="slim_pajama", split="train", text_field="text")]
-    c.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir (prepare with python -m rrt.text_tfds)
+    c.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir (prepare with python -m rrt.data.tfds)
     c.data.seq_len = 2048
     c.data.global_batch_size = 1024
     c.steps = 7150

@@ -6,11 +6,11 @@
 Cost: as recursive_gemma_1b.py plus the LoRA matmuls (~10% more FLOPs at rank 512): about a day on a v5e-256.
 """
 
-from configs import recursive_gemma_1b
+from rrt import config
 
 
 def get_config():
-    c = recursive_gemma_1b.get_config()
+    c = config.preset("recursive_gemma_1b")
     c.recursion.init = "average"
     c.recursion.rank_attn = 512
     c.recursion.rank_mlp = 512

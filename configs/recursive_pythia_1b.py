@@ -8,11 +8,11 @@ Cost: 15B tokens at ~1.2e10 training FLOPs per token ~ 1.8e20 FLOPs: ~2 days on 
 
 from ml_collections import config_dict
 
-from configs import archs, recursive_gemma_1b
+from rrt import archs, config
 
 
 def get_config():
-    c = recursive_gemma_1b.get_config()
+    c = config.preset("recursive_gemma_1b")
     c.source = config_dict.placeholder(str)  # a Hugging Face EleutherAI/pythia-1b directory
     c.arch = archs.PYTHIA_1B
     return c

@@ -9,11 +9,11 @@ Cost: 15B tokens at ~1.3e10 training FLOPs per token ~ 2.0e20 FLOPs: ~16 hours o
 
 from ml_collections import config_dict
 
-from configs import archs, recursive_gemma_1b
+from rrt import archs, config
 
 
 def get_config():
-    c = recursive_gemma_1b.get_config()
+    c = config.preset("recursive_gemma_1b")
     c.source = config_dict.placeholder(str)  # a Hugging Face TinyLlama directory
     c.arch = archs.TINYLLAMA_1B
     return c

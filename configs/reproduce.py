@@ -1,11 +1,11 @@
 """The paper's findings at small scale: SmolLM2-135M (30 layers) as 15 x 2 recursive models, each uptrained briefly.
 
-    python launch/reproduce.py --out runs/reproduce                     # all 15 runs, evals, docs/RESULTS.md
-    python launch/reproduce.py --out runs/reproduce --dry-run           # the variants and their command lines
-    python launch/reproduce.py --out runs/reproduce_gpu --budget_scale 100   # a GPU/TPU: 100x the tokens and evals
+    python experiments/reproduce/driver.py --out runs/reproduce                  # all 15 runs, evals, docs/RESULTS.md
+    python experiments/reproduce/driver.py --out runs/reproduce --dry-run        # the variants and their command lines
+    python experiments/reproduce/driver.py --out runs/reproduce_gpu --budget_scale 100  # GPU/TPU: 100x tokens, evals
     python -m rrt.train --config configs/reproduce.py --workdir W [--config.x=y ...]   # one run (what it launches)
 
-launch/reproduce.py trains 15 runs of this config that differ only by their `--config.recursion.*` and
+experiments/reproduce/driver.py trains 15 runs of this config that differ only by their `--config.recursion.*` and
 `--config.loss.*` overrides (the original model; strict CYCLE with 4 inits; SEQUENCE with its best init; relaxed
 ranks 16/64/256 x SVD/zero LoRA init; relaxed Stepwise; distillation; early exit), all with the same token budget.
 
@@ -24,11 +24,11 @@ conversions. The previous budget (16 perplexity windows, the head applied at eve
 `--budget_scale X` multiplies the steps, warmup, checkpoint interval, task items and perplexity windows by X.
 """
 
-from configs import base
+from rrt import config
 
 
 def get_config():
-    c = base.get_config()
+    c = config.get_config()
     c.source = "smollm2"  # the packaged SmolLM2-135M GGUF
     # The model-defining fields (loops, strategy, init, ranks, lora_init) are set by every variant explicitly.
     c.recursion.loops = 2  # 15 shared layers x 2 loops
@@ -46,7 +46,7 @@ def get_config():
     c.keep_checkpoints = 1  # ~1.6 GB each (params + Adam state)
     c.log_every = 1
     c.async_checkpoint = False
-    # launch/reproduce.py evaluates each model before and after uptraining: every source's held-out tail, 7 tasks.
+    # experiments/reproduce/driver.py evaluates each model before and after uptraining: each held-out tail, 7 tasks.
     c.eval.heldout = ""  # so rrt.train's own final evaluation is skipped (the driver's after-eval covers it)
     c.eval.tasks = ""
     c.eval.max_windows = 8  # perplexity windows of eval.seq_len tokens per held-out tail

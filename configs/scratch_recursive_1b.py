@@ -9,11 +9,11 @@ Cost: 20B tokens at ~1.1e10 training FLOPs per token ~ 2.2e20 FLOPs: ~16 hours o
 
 from ml_collections import config_dict
 
-from configs import recursive_gemma_1b
+from rrt import config
 
 
 def get_config():
-    c = recursive_gemma_1b.get_config()
+    c = config.preset("recursive_gemma_1b")
     c.source = ""  # from scratch
     c.arch = None
     c.tokenizer = config_dict.placeholder(str)  # a tokenizer source (HF dir with tokenizer.json, .gguf, rrt dir)

@@ -8,11 +8,11 @@ early-exit loss), about 5.5 minutes with start-up and conversion; the whole demo
 took 11 min 35 s on 2 cores (2026-12-01).
 """
 
-from configs import base
+from rrt import config
 
 
 def get_config():
-    c = base.get_config()
+    c = config.get_config()
     c.source = "smollm2"
     c.recursion.loops = 2
     c.recursion.init = "average"  # the paper's best init for relaxed models

@@ -5,11 +5,11 @@
 Cost: ~20 s on 2 CPU cores (most of it compilation). Uses the SmolLM2 tokenizer (49,152 tokens).
 """
 
-from configs import base
+from rrt import config
 
 
 def get_config():
-    c = base.get_config()
+    c = config.get_config()
     c.source = ""  # from scratch
     c.arch = None
     c.tokenizer = "smollm2"
@@ -22,7 +22,9 @@ def get_config():
     c.recursion.loops = 2
     c.recursion.rank_attn = 4
     c.recursion.rank_mlp = 4
-    c.data.sources = [dict(kind="files", glob=f"{base.SHARED_DATA}/corpora/tinystories_val.txt", heldout_fraction=0.1)]
+    c.data.sources = [
+        dict(kind="files", glob=f"{config.shared_data()}/corpora/tinystories_val.txt", heldout_fraction=0.1)
+    ]
     c.data.seq_len = 64
     c.data.global_batch_size = 8
     c.steps = 20

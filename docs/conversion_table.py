@@ -4,7 +4,7 @@
 
 Rows: the original; CYCLE and SEQUENCE x {stepwise, average, lower, upper, random} at rank 0 (strict recursion);
 CYCLE average and stepwise at ranks {8, 64, 256, full} (relaxed; per-position norms; SVD init). Perplexity is
-rrt.perplexity's definition on the held-out tails (last 10% of documents) of TinyStories and Tiny Shakespeare,
+rrt.eval.perplexity's definition on the held-out tails (last 10% of documents) of TinyStories and Tiny Shakespeare,
 the first --windows windows of 256 tokens of each.
 """
 
@@ -14,10 +14,12 @@ import os
 import sys
 import time
 
-from rrt import checkpoints, convert, data, perplexity
+from rrt import convert, formats
 from rrt import model as model_lib
-from rrt.checkpoints import gguf
-from rrt.checkpoints import tokenizer as tokenizer_lib
+from rrt.data import documents
+from rrt.eval import perplexity
+from rrt.formats import gguf
+from rrt.formats import tokenizer as tokenizer_lib
 
 CORPORA = {
     "TinyStories": "../shared/data/corpora/tinystories_val.txt",
@@ -34,9 +36,10 @@ def main(argv=None) -> int:
     src = gguf.smollm2_gguf_path()
     tok = tokenizer_lib.load_tokenizer(src)
     ids = {
-        name: tok.encode(data.heldout_text(path, 0.1))[: args.windows * args.seq_len] for name, path in CORPORA.items()
+        name: tok.encode(documents.heldout_text(path, 0.1))[: args.windows * args.seq_len]
+        for name, path in CORPORA.items()
     }
-    base, params = checkpoints.load(src)
+    base, params = formats.load(src)
     full_attn, full_mlp = convert.full_rank(base)
 
     def score(cfg, p):

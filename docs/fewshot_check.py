@@ -2,12 +2,13 @@
 
     .venv/bin/python docs/fewshot_check.py --data_dir ../shared/data --limit 200 [--tasks ...] [--shots 0]
 
-Both sides score the same prompt strings (built by rrt.tasks from the shared files). Everything after the strings
+Both sides score the same prompt strings (built by rrt.eval.tasks from the shared files). Everything after the strings
 is independent on the reference side: the tokenizer (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`), the model
 (`AutoModelForCausalLM`, torch float32, dequantized by transformers), the lm-eval style context/continuation split,
-the log-prob gathering and the metrics are written here, not taken from rrt. The rrt side is `rrt.fewshot.run_task`,
-the code path of `python -m rrt.evaluate`. Prints a table of acc / acc_norm / ppl for both with the difference in
-points, plus how many requests tokenized differently and the largest per-request log-prob gap among the others.
+the log-prob gathering and the metrics are written here, not taken from rrt. The rrt side is
+`rrt.eval.fewshot.run_task`, the code path of `python -m rrt.evaluate`. Prints a table of acc / acc_norm / ppl for
+both with the difference in points, plus how many requests tokenized differently and the largest per-request
+log-prob gap among the others.
 Exits 1 if a difference exceeds --tolerance points (default 0.5).
 
 Tokenization differs on a few texts by design: transformers builds the GGUF's tokenizer with plain byte-level
@@ -64,7 +65,7 @@ def hf_score(model, pairs: list[tuple[list[int], list[int]]], batch_size: int) -
 
 
 def hf_metrics(task, reqs, ll: np.ndarray, greedy: np.ndarray) -> dict:
-    """acc / acc_norm (char-length normalized) or LAMBADA acc / ppl, written independently of rrt.fewshot."""
+    """acc / acc_norm (char-length normalized) or LAMBADA acc / ppl, written independently of rrt.eval.fewshot."""
     if task.kind == "cloze":
         return {"acc": 100 * greedy.mean(), "ppl": math.exp(-ll.mean())}
     docs: dict[int, list[int]] = {}
@@ -96,16 +97,17 @@ def main() -> int:
     import torch
     import transformers
 
-    from rrt import fewshot, scoring, sources
-    from rrt import tasks as tasks_lib
-    from rrt.checkpoints import gguf
+    from rrt import formats
+    from rrt.eval import fewshot, scoring
+    from rrt.eval import tasks as tasks_lib
+    from rrt.formats import gguf
 
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     path = gguf.smollm2_gguf_path()
     t0 = time.time()
-    model = sources.load_model(path)
-    tokenizer = sources.load_tokenizer(path)
+    model = formats.load_model(path)
+    tokenizer = formats.load_tokenizer(path)
     scorer = scoring.make_scorer(model)
     d, name = os.path.split(path)
     hf_tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)

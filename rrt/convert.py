@@ -252,11 +252,11 @@ def recursion_from_args(base: model_lib.ModelConfig, args: argparse.Namespace) -
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from rrt import checkpoints
-    from rrt.checkpoints import rrt_dir
-    from rrt.checkpoints import tokenizer as tokenizer_lib
+    from rrt import formats
+    from rrt.formats import rrt_dir
+    from rrt.formats import tokenizer as tokenizer_lib
 
-    base, params = checkpoints.load(args.source)
+    base, params = formats.load(args.source)
     if args.expand:
         cfg, full = expand(base, params)
         rrt_dir.save(

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-CONFIG = "configs/smollm2_demo.py"
+CONFIG = "smollm2_demo"  # the preset (configs/smollm2_demo.py)
 TASKS = "hellaswag,arc_easy,piqa"
 
 
@@ -29,27 +29,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def evaluate(name, model, tokenizer, heldout: dict[str, str], args) -> dict:
-    from rrt import fewshot, perplexity, scoring
+def evaluate(name, model, tokenizer, texts: dict[str, str], spec) -> dict:
+    from rrt.eval import heldout
 
     t0 = time.time()
-    scorer = scoring.make_scorer(model)
-    res = {"perplexity": {}, "tasks": {}}
-    for corpus, text in heldout.items():
-        ids = tokenizer.encode(text)[: args.windows * 256]
-        res["perplexity"][corpus] = perplexity.perplexity(model, ids, 256, batch_size=4, progress=False, scorer=scorer)
-    tasks = [t for t in args.tasks.split(",") if t]
-    if tasks:
-        res["tasks"] = fewshot.evaluate_tasks(
-            model,
-            tokenizer,
-            tasks,
-            data_dir="../shared/data",
-            limit=args.limit,
-            batch_size=8,
-            progress=True,
-            scorer=scorer,
-        )
+    res = heldout.evaluate(model, tokenizer, spec, texts, progress=True)
     print(f"[demo] evaluated {name} in {time.time() - t0:.0f}s", flush=True)
     return res
 
@@ -122,32 +106,32 @@ def plot(results: dict, metrics_path: str, out: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    from configs import smollm2_demo
-    from rrt import checkpoints, convert, data, sources, train
+    from rrt import config, convert, formats, train
     from rrt import model as model_lib
-    from rrt.checkpoints import gguf
-    from rrt.checkpoints import tokenizer as tokenizer_lib
+    from rrt.eval import heldout
 
-    c = smollm2_demo.get_config()
-    src = gguf.smollm2_gguf_path()
-    tokenizer = tokenizer_lib.load_tokenizer(src)
-    heldout = {}
-    for s in c.data.sources:
-        name = os.path.splitext(os.path.basename(s["glob"]))[0]
-        heldout[name] = data.heldout_text(
-            s["glob"], s["heldout_fraction"], doc_separator=s.get("doc_separator", "blank_line")
-        )
+    c = config.preset("smollm2_demo")
+    src = formats.resolve_source("smollm2")
+    tokenizer = formats.load_tokenizer(src)
+    texts = heldout.heldout_texts(c.data.sources)
+    spec = heldout.Spec(
+        seq_len=256,
+        windows=args.windows,
+        tasks=tuple(t for t in args.tasks.split(",") if t),
+        data_dir=c.eval.data_dir,
+        limit=args.limit,
+    )
 
     results = {}
-    base_cfg, base_params = checkpoints.load(src)
+    base_cfg, base_params = formats.load(src)
     results["original (30 layers)"] = evaluate(
-        "the original", model_lib.from_params(base_cfg, base_params), tokenizer, heldout, args
+        "the original", model_lib.from_params(base_cfg, base_params), tokenizer, texts, spec
     )
     rec = train.recursion_from_config(c.recursion, base_cfg)
     cfg, params, report = convert.convert(base_cfg, base_params, rec)
     print(f"[demo] converted: {report['params']}", flush=True)
     results["converted 15x2 r64"] = evaluate(
-        "the converted model", model_lib.from_params(cfg, params), tokenizer, heldout, args
+        "the converted model", model_lib.from_params(cfg, params), tokenizer, texts, spec
     )
     del base_params, params
 
@@ -158,7 +142,7 @@ def main(argv=None) -> int:
     print("[demo] " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     results["uptrained 15x2 r64"] = evaluate(
-        "the uptrained model", sources.load_model(workdir), tokenizer, heldout, args
+        "the uptrained model", formats.load_model(workdir), tokenizer, texts, spec
     )
 
     md = table(results)

@@ -13,8 +13,8 @@ import json
 import os
 import sys
 
-from rrt import perplexity as perplexity_lib
-from rrt import sources
+from rrt import formats
+from rrt.eval import perplexity as perplexity_lib
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,9 +95,9 @@ def markdown_table(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model = sources.load_model(args.source, dtype=args.dtype)
-    tokenizer = sources.load_tokenizer(args.source)
-    sources.check_vocab(tokenizer, model.cfg, args.source)
+    model = formats.load_model(args.source, dtype=args.dtype)
+    tokenizer = formats.load_tokenizer(args.source)
+    formats.check_vocab(tokenizer, model.cfg, args.source)
     results = {}
     for task in args.task_list:
         if task == "perplexity":
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
             results["perplexity"] = res
     fewshot_tasks = [t for t in args.task_list if t != "perplexity"]
     if fewshot_tasks:
-        from rrt import fewshot
+        from rrt.eval import fewshot
 
         results.update(
             fewshot.evaluate_tasks(

@@ -17,7 +17,9 @@ import time
 
 import numpy as np
 
-from rrt import decode, depthwise, early_exit, sources
+from rrt import formats
+from rrt.decode import cache as decode
+from rrt.decode import depthwise, early_exit
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,8 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model = sources.load_model(args.source, dtype=args.dtype)
-    tok = sources.load_tokenizer(args.source)
+    model = formats.load_model(args.source, dtype=args.dtype)
+    tok = formats.load_tokenizer(args.source)
     cfg = model.cfg
     bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
     prompts = [bos + tok.encode(text) for text in args.prompt]

@@ -21,16 +21,18 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_dict, config_flags
 
-from rrt import checkpoint as ckpt_lib
+from rrt import config as config_lib
 from rrt import convert as convert_lib
 from rrt import flops as flops_lib
-from rrt import losses
+from rrt import formats, losses, metrics_log, train_state
 from rrt import model as model_lib
 from rrt import optim as optim_lib
 from rrt import sharding as sharding_lib
-from rrt.checkpoints import rrt_dir
+from rrt.eval import heldout
+from rrt.formats import rrt_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
+TRAIN_CONFIG = "train_config.json"  # the run's ml_collections config (config.json means a Hugging Face one)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs; rerun to resume")
 
 
@@ -120,9 +122,7 @@ def loss_fn(
     return total, (jnp.stack(ce), jnp.stack(jnp.asarray(kl)))
 
 
-def train_step(
-    params, opt_state, teacher_params, batch, log_loops=True, *, opt, n_micro: int, n_loops: int, **loss_kw
-):
+def train_step(params, opt_state, teacher_params, batch, log_loops=True, *, opt, n_micro: int, n_loops: int, **loss_kw):
     """One optimizer step over `n_micro` micro-batches (gradients summed, then divided by the token count).
     `log_loops` (bool, may be traced): whether untrained loops' losses are computed for the log (see `loss_fn`)."""
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, **loss_kw), has_aux=True)
@@ -152,14 +152,6 @@ def train_step(
 # Setup helpers (the ConfigDict stops here: everything below `main` takes typed values).
 
 
-def resolve_source(source: str) -> str:
-    if source == "smollm2":
-        from rrt.checkpoints import gguf
-
-        return gguf.smollm2_gguf_path()
-    return source
-
-
 def recursion_from_config(c: config_dict.ConfigDict, base: model_lib.ModelConfig) -> convert_lib.Recursion:
     full_attn, full_mlp = convert_lib.full_rank(base)
     ppn = {"auto": None, "true": True, "false": False, True: True, False: False}[c.per_position_norms]
@@ -176,7 +168,7 @@ def recursion_from_config(c: config_dict.ConfigDict, base: model_lib.ModelConfig
 
 
 def data_config(c: config_dict.ConfigDict, workdir: str):
-    from rrt import data
+    from rrt.data import documents, pipeline
 
     sources = []
     for s in c.data.sources:
@@ -185,8 +177,8 @@ def data_config(c: config_dict.ConfigDict, workdir: str):
             if not c.data.data_dir:
                 raise ValueError(f"data source {s.get('name')!r} is a TFDS dataset: set --config.data.data_dir")
             s["data_dir"] = c.data.data_dir
-        sources.append(data.SourceConfig(**s))
-    return data.DataConfig(
+        sources.append(documents.SourceConfig(**s))
+    return pipeline.DataConfig(
         sources=tuple(sources),
         seq_len=c.data.seq_len,
         global_batch_size=c.data.global_batch_size,
@@ -242,12 +234,10 @@ def model_config(c: config_dict.ConfigDict, base: model_lib.ModelConfig | None):
 def build_model(c, workdir: str):
     """(model config, source config, source params, recursion, conversion record, teacher (cfg, params) or None)."""
     meta_path = os.path.join(workdir, rrt_dir.META)
-    source = resolve_source(c.source)
+    source = formats.resolve_source(c.source)
     base = base_params = None
     if source:
-        from rrt import checkpoints
-
-        base, base_params = checkpoints.load(source)
+        base, base_params = formats.load(source)
     cfg, rec = model_config(c, base)
     conversion = {
         "source": os.path.abspath(source) if source else "",
@@ -265,38 +255,6 @@ def build_model(c, workdir: str):
         raise ValueError("loss.kd_weight > 0 needs a source model to distil from (config.source is empty)")
     teacher = (base, base_params) if c.loss.kd_weight > 0 else None
     return cfg, base, base_params, rec, conversion, teacher
-
-
-class Logger:
-    """metrics.jsonl + TensorBoard on the primary host."""
-
-    def __init__(self, workdir: str, resume_step: int):
-        self.primary = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        if self.primary:
-            from tensorboardX import SummaryWriter
-
-            if os.path.exists(self.path):  # drop records a killed run wrote after its last checkpoint
-                with open(self.path) as f:
-                    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-                with open(self.path, "w") as f:
-                    f.writelines(keep)
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-
-    def write(self, step: int, metrics: dict) -> None:
-        if not self.primary:
-            return
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if k != "step":
-                self.tb.add_scalar(k, v, step)
-        self.tb.flush()
-
-    def close(self):
-        if self.primary:
-            self.tb.close()
 
 
 def _log(msg: str) -> None:
@@ -328,21 +286,21 @@ def main(argv) -> None:
     abstract_params = nnx.to_pure_dict(abstract_state)
     param_sh = sharding_lib.param_shardings(abstract_params, mesh)
     opt, schedules = optim_lib.make(opt_cfg, abstract_params)
-    mngr = ckpt_lib.manager(workdir, c.checkpoint_every, c.keep_checkpoints, c.async_checkpoint)
+    mngr = train_state.manager(workdir, c.checkpoint_every, c.keep_checkpoints, c.async_checkpoint)
     latest = mngr.latest_step()
 
-    tokenizer_source = resolve_source(c.source or c.tokenizer)
-    from rrt.checkpoints import tokenizer as tokenizer_lib
+    tokenizer_source = formats.resolve_source(c.source or c.tokenizer)
+    from rrt.formats import tokenizer as tokenizer_lib
 
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_source)
-    from rrt import sources
+    from rrt.data import pipeline
 
-    sources.check_vocab(tokenizer, cfg, tokenizer_source)
+    formats.check_vocab(tokenizer, cfg, tokenizer_source)
     if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, rrt_dir.META)):
         tokenizer.save(os.path.join(workdir, "tokenizer"))
         with open(os.path.join(workdir, rrt_dir.META), "w") as f:
             json.dump({"format": 1, "model": cfg.to_dict(), "conversion": conversion}, f, indent=2)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        with open(os.path.join(workdir, TRAIN_CONFIG), "w") as f:
             f.write(c.to_json(indent=2))
 
     # Optimizer-state shardings follow the parameters' (sharding.opt_state_shardings says why they are explicit).
@@ -352,7 +310,7 @@ def main(argv) -> None:
     init_fn = jax.jit(opt.init, out_shardings=opt_sh)
 
     if latest is not None:
-        params, opt_state, meta, data_state = ckpt_lib.restore(
+        params, opt_state, meta, data_state = train_state.restore(
             mngr, latest, with_sh(abstract_params, param_sh), with_sh(abstract_opt, opt_sh)
         )
         step = int(meta["step"])
@@ -366,7 +324,7 @@ def main(argv) -> None:
             )
         else:
             flat = model_lib.flat_params(model_lib.Decoder(cfg, rngs=nnx.Rngs(c.seed)))
-        params = place(rrt_dir.nest({k: np.asarray(v, np.float32) for k, v in flat.items()}), param_sh)
+        params = place(model_lib.nest({k: np.asarray(v, np.float32) for k, v in flat.items()}), param_sh)
         opt_state = init_fn(params)
         step, data_state = 0, None
 
@@ -377,14 +335,12 @@ def main(argv) -> None:
         teacher_graphdef, t_state = nnx.split(model_lib.abstract(teacher_cfg))
         t_abstract = nnx.to_pure_dict(t_state)
         teacher_params = place(
-            rrt_dir.nest({k: np.asarray(v, np.float32) for k, v in teacher[1].items()}),
+            model_lib.nest({k: np.asarray(v, np.float32) for k, v in teacher[1].items()}),
             sharding_lib.param_shardings(t_abstract, mesh),
         )
 
-    from rrt import data as data_lib
-
     dcfg = data_config(c, workdir)
-    iterator = data_lib.make_iterator(dcfg, tokenizer)
+    iterator = pipeline.make_iterator(dcfg, tokenizer)
     if data_state is not None:
         iterator.set_state(data_state)
 
@@ -465,17 +421,17 @@ def loop(
 ):
     from tqdm import tqdm
 
-    from rrt import data as data_lib
+    from rrt.data import pipeline
 
     preempted = _Preempted()
-    logger = Logger(workdir, step)
+    logger = metrics_log.Logger(workdir, step)
     batch_sh = sharding_lib.batch_sharding(mesh)
     bar = tqdm(total=c.steps, initial=step, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
     last_time, window_tokens = time.perf_counter(), 0.0
     meta = {"config_fingerprint": cfg.to_dict()}
     try:
         while step < c.steps:
-            batch = data_lib.to_global(next(iterator), mesh, batch_sh.spec)
+            batch = pipeline.to_global(next(iterator), mesh, batch_sh.spec)
             logged = (step + 1) % c.log_every == 0 or step + 1 == c.steps
             new_params, new_opt_state, metrics = step_fn(params, opt_state, teacher_params, batch, np.bool_(logged))
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
@@ -504,7 +460,7 @@ def loop(
                 logger.write(step, evaluate(c, nnx.merge(graphdef, params), tokenizer))
             data_state = iterator.get_state()
             final = step == c.steps or preempted.flag
-            ckpt_lib.save(mngr, step, params, opt_state, {"step": step, **meta}, data_state, force=final)
+            train_state.save(mngr, step, params, opt_state, {"step": step, **meta}, data_state, force=final)
             if preempted.flag:
                 mngr.wait_until_finished()
                 _log(f"preempted (SIGTERM): checkpoint saved at step {step}; rerun the same command to resume")
@@ -519,39 +475,27 @@ def loop(
             iterator.close()
 
 
+def eval_spec(c: config_dict.ConfigDict) -> heldout.Spec:
+    """The in-training evaluation (periodic and final) from the config's eval fields."""
+    return heldout.Spec(
+        seq_len=c.eval.seq_len,
+        windows=c.eval.max_windows,
+        tasks=tuple(t for t in c.eval.tasks.split(",") if t),
+        data_dir=c.eval.data_dir,
+        shots=c.eval.shots,
+        limit=c.eval.limit,
+        batch_size=8,
+    )
+
+
 def evaluate(c, model: model_lib.Decoder, tokenizer) -> dict[str, float]:
     """Held-out perplexity (per loop) and optional few-shot tasks, as flat scalar metrics."""
-    from rrt import data as data_lib
-    from rrt import perplexity
-
-    out = {}
-    names = [n for n in c.eval.heldout.split(",") if n]
-    for src in c.data.sources:
-        src = dict(src)
-        stem = os.path.splitext(os.path.basename(src.get("glob", src.get("name", ""))))[0]
-        if stem not in names or src.get("kind") != "files" or not src.get("heldout_fraction"):
-            continue
-        text = data_lib.heldout_text(
-            src["glob"], src["heldout_fraction"], doc_separator=src.get("doc_separator", "blank_line")
-        )
-        ids = tokenizer.encode(text)
-        if c.eval.max_windows:
-            ids = ids[: c.eval.max_windows * c.eval.seq_len]
-        res = perplexity.perplexity(model, ids, c.eval.seq_len, batch_size=8, progress=False)
-        for pl in res["per_loop"]:
-            out[f"eval/{stem}/ppl_loop{pl['loop']}"] = pl["ppl"]
-        out[f"eval/{stem}/ppl"] = res["ppl"]
-    tasks = [t for t in c.eval.tasks.split(",") if t]
-    if tasks:
-        from rrt import fewshot
-
-        out.update(
-            fewshot.evaluate_for_training(model, tokenizer, tasks, c.eval.data_dir, c.eval.shots, c.eval.limit, 8)
-        )
-    return out
+    texts = heldout.heldout_texts(c.data.sources, [n for n in c.eval.heldout.split(",") if n])
+    return heldout.flat_metrics(heldout.evaluate(model, tokenizer, eval_spec(c), texts), model.cfg.n_loops)
 
 
 def run():
+    config_lib.install_config_flag_resolution()  # --config <preset name> works from any directory
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
 

@@ -119,13 +119,13 @@ def compiled_step_hlo(mesh_shape=(1, 8, 1), gather_shared: bool = True, override
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from configs import tiny
+    from rrt import config as config_lib
     from rrt import model as model_lib
     from rrt import optim as optim_lib
     from rrt import sharding as sharding_lib
     from rrt import train
 
-    c = tiny.get_config()
+    c = config_lib.preset("tiny")
     for k, v in (overrides or {}).items():
         c[k] = v
     mesh = sharding_lib.make_mesh(mesh_shape)

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rrt import decode, early_exit, lora
+from rrt import lora
 from rrt import model as model_lib
+from rrt.decode import cache as decode
+from rrt.decode import early_exit
 
 TINY = model_lib.ModelConfig(
     vocab_size=64, d_model=32, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64, n_loops=3
@@ -213,12 +215,12 @@ def test_sampling_filters():
 
 @pytest.mark.slow
 def test_smollm2_knows_the_capital_of_france():
-    from rrt import checkpoints
-    from rrt.checkpoints import gguf
-    from rrt.checkpoints import tokenizer as tokenizer_lib
+    from rrt import formats
+    from rrt.formats import gguf
+    from rrt.formats import tokenizer as tokenizer_lib
 
     path = gguf.smollm2_gguf_path()
-    cfg, params = checkpoints.load(path)
+    cfg, params = formats.load(path)
     tok = tokenizer_lib.load_tokenizer(path)
     out = decode.generate(model_lib.from_params(cfg, params), [tok.encode("The capital of France is")], 8)
     assert "Paris" in tok.decode(out.tokens[0])

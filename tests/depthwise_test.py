@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from decode_test import forward, prompts, tiny
 
-from rrt import decode, depthwise, early_exit
+from rrt.decode import cache as decode
+from rrt.decode import depthwise, early_exit
 
 LENGTHS = (5, 9, 3, 12, 7)
 BUDGETS = [6, 3, 8, 5, 7]  # requests finish at different times, so rows are refilled mid-run
@@ -68,8 +69,8 @@ def test_generate_cli(tmp_path, capsys):
     from tokenizers import models, pre_tokenizers
 
     from rrt import generate
-    from rrt.checkpoints import rrt_dir
-    from rrt.checkpoints import tokenizer as tokenizer_lib
+    from rrt.formats import rrt_dir
+    from rrt.formats import tokenizer as tokenizer_lib
     from rrt.model import flat_params
 
     m = tiny("cycle", 4, seed=2)

@@ -9,8 +9,9 @@ import torch
 import transformers
 from hf_parity_test import randomize
 
-from rrt import evaluate, perplexity
-from rrt.checkpoints import gguf, tokenizer
+from rrt import evaluate
+from rrt.eval import perplexity
+from rrt.formats import gguf, tokenizer
 
 TEXT = "../shared/data/corpora/tinystories_val.txt"
 

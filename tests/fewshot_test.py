@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rrt import fewshot, scoring
 from rrt import model as model_lib
-from rrt import tasks as tasks_lib
-from rrt.checkpoints import gguf
-from rrt.checkpoints import tokenizer as tokenizer_lib
+from rrt.eval import fewshot, scoring
+from rrt.eval import tasks as tasks_lib
+from rrt.formats import gguf
+from rrt.formats import tokenizer as tokenizer_lib
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -265,18 +265,28 @@ def test_bad_records_fail_loudly(tmp_path):
         tasks_lib.load("hellaswagg", DATA_DIR)
 
 
-def test_evaluate_for_training_is_flat(tmp_path, tok, model):
+def test_in_process_evaluation_is_flat_and_resumable(tmp_path, tok, model):
+    from rrt.eval import heldout
+
     mc, _ = _generic_files(tmp_path)
-    text = tmp_path / "heldout.txt"
-    text.write_text("Once upon a time there was a dog. " * 40)
-    out = fewshot.evaluate_for_training(model, tok, [f"mc:{mc}", f"perplexity:{text}"], None, limit=2, seq_len=32)
-    assert {"eval/my_mc/acc", "eval/my_mc/acc_norm", "eval/my_mc/acc_loop1", "eval/perplexity/ppl"} <= set(out)
+    texts = {"story": "Once upon a time there was a dog. " * 40}
+    spec = heldout.Spec(seq_len=32, windows=2, tasks=(f"mc:{mc}",), limit=2)
+    seen = []
+    results = heldout.evaluate(model, tok, spec, texts, on_result=lambda kind, name, res, s: seen.append(name))
+    out = heldout.flat_metrics(results, model.cfg.n_loops)
+    assert {"eval/my_mc/acc", "eval/my_mc/acc_norm", "eval/my_mc/acc_loop1", "eval/story/ppl"} <= set(out)
     assert all(isinstance(v, float) for v in out.values())
+    assert seen == ["story", "my_mc"]
+    direct = fewshot.evaluate_tasks(model, tok, [f"mc:{mc}"], limit=2, progress=False)["my_mc"]
+    assert out["eval/my_mc/acc"] == direct["acc"]
+    # Everything already done is kept, not scored again.
+    again = heldout.evaluate(model, tok, spec, texts, done=results, on_result=lambda *a: seen.append("again"))
+    assert again == results and seen == ["story", "my_mc"]
 
 
 def test_evaluate_cli_writes_json(tmp_path, tok, model):
     from rrt import evaluate
-    from rrt.checkpoints import rrt_dir
+    from rrt.formats import rrt_dir
 
     mc, partial = _generic_files(tmp_path)
     rrt_dir.save(str(tmp_path / "m"), CFG, model_lib.flat_params(model), tokenizer=tok)

@@ -12,8 +12,8 @@ import pytest
 import torch
 import transformers
 
-from rrt import checkpoints, model
-from rrt.checkpoints import gguf, tokenizer
+from rrt import formats, model
+from rrt.formats import gguf, tokenizer
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "corpora", "tinystories_val.txt")
 
@@ -88,7 +88,7 @@ def test_written_gguf_matches_transformers(tie, tmp_path):
     hf_model = tiny_llama(tie)
     path = str(tmp_path / "tiny.gguf")
     write_gguf(hf_model, path)
-    cfg, params = checkpoints.load(path)
+    cfg, params = formats.load(path)
     assert cfg.tie_embeddings == tie and ("head" in params) == (not tie)
     ids = np.random.default_rng(0).integers(0, 256, (2, 200))
     with torch.no_grad():
@@ -101,11 +101,11 @@ def test_gguf_errors(tmp_path):
     path = str(tmp_path / "extra.gguf")
     write_gguf(tiny_llama(True), path, extra_tensor="rope_freqs.weight")
     with pytest.raises(ValueError, match="rope_freqs.weight"):
-        checkpoints.load(path)
+        formats.load(path)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 10)
     with pytest.raises(ValueError, match="bad.gguf"):
-        checkpoints.load(str(bad))
+        formats.load(str(bad))
 
 
 def test_unpermute_inverts_llama_cpp_permute():
@@ -136,7 +136,7 @@ def test_smollm2_logits_match_transformers(smollm2):
     ids = np.asarray([ids[:160], ids[160:320]])
 
     start = time.time()
-    cfg, params = checkpoints.load(smollm2)
+    cfg, params = formats.load(smollm2)
     logits = np.asarray(model.from_params(cfg, params)(jnp.asarray(ids)))
     ours = time.time() - start
 

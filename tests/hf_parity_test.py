@@ -16,7 +16,7 @@ import safetensors.numpy
 import torch
 import transformers
 
-from rrt import checkpoints, model
+from rrt import formats, model
 
 VOCAB, BATCH, TIME = 512, 3, 256
 
@@ -49,7 +49,7 @@ def rel_error(a, b) -> float:
 
 def compare(hf_model, path, dtype=None) -> float:
     """Relative Frobenius error of rrt's logits against the torch model's (float32)."""
-    cfg, params = checkpoints.load(str(path), dtype)
+    cfg, params = formats.load(str(path), dtype)
     ours = model.from_params(cfg, params)
     ids = tokens()
     with torch.no_grad():
@@ -140,7 +140,7 @@ def test_sharded(tmp_path):
 
 def test_bf16_kept_and_cast(tmp_path):
     llama(tie=False).to(torch.bfloat16).save_pretrained(tmp_path)
-    _, params = checkpoints.load(str(tmp_path))
+    _, params = formats.load(str(tmp_path))
     assert {v.dtype for v in params.values()} == {np.dtype(ml_dtypes.bfloat16)}
     # The same bf16 values, both computed in float32 (a fresh load keeps transformers' rotary buffers float32).
     hf_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
@@ -148,7 +148,7 @@ def test_bf16_kept_and_cast(tmp_path):
     print(f"relative error {err:.2e}")
     assert err < 1e-5
 
-    _, as_f32 = checkpoints.load(str(tmp_path), dtype=np.float32)
+    _, as_f32 = formats.load(str(tmp_path), dtype=np.float32)
     assert all(as_f32[k].dtype == np.float32 and np.array_equal(as_f32[k], params[k]) for k in params)
 
 
@@ -185,34 +185,34 @@ def test_error_unknown_architecture(tiny_dir, tmp_path):
     with open(tmp_path / "config.json", "w") as f:
         json.dump(config, f)
     with pytest.raises(ValueError, match="mistral"):
-        checkpoints.load(str(tmp_path))
+        formats.load(str(tmp_path))
 
 
 def test_error_missing_tensor(tiny_dir, tmp_path):
     name = "model.layers.0.mlp.up_proj.weight"
     rewrite(tiny_dir, tmp_path, lambda t: {k: v for k, v in t.items() if k != name})
     with pytest.raises(ValueError, match=f"missing tensors.*{name}"):
-        checkpoints.load(str(tmp_path))
+        formats.load(str(tmp_path))
 
 
 def test_error_extra_tensor(tiny_dir, tmp_path):
     name = "model.layers.0.self_attn.q_norm.weight"
     file = rewrite(tiny_dir, tmp_path, lambda t: {**t, name: np.ones(16, np.float32)})
     with pytest.raises(ValueError, match=f"{file}.*{name}"):
-        checkpoints.load(str(tmp_path))
+        formats.load(str(tmp_path))
 
 
 def test_ignored_buffers(tiny_dir, tmp_path):
     name = "model.layers.0.self_attn.rotary_emb.inv_freq"
     rewrite(tiny_dir, tmp_path, lambda t: {**t, name: np.ones(4, np.float32)})
-    checkpoints.load(str(tmp_path))
+    formats.load(str(tmp_path))
 
 
 def test_error_shape_mismatch(tiny_dir, tmp_path):
     name = "model.layers.0.self_attn.k_proj.weight"
     file = rewrite(tiny_dir, tmp_path, lambda t: {**t, name: np.ones((8, 16), np.float32)})
     with pytest.raises(ValueError, match=rf"{file}.*{name}.*\(8, 16\).*\(16, 16\)"):
-        checkpoints.load(str(tmp_path))
+        formats.load(str(tmp_path))
 
 
 def test_error_truncated_file(tiny_dir, tmp_path):
@@ -222,19 +222,19 @@ def test_error_truncated_file(tiny_dir, tmp_path):
     with open(file, "wb") as f:
         f.write(data[: len(data) // 2])
     with pytest.raises(ValueError, match=f"{file}.*truncated"):
-        checkpoints.load(str(tmp_path))
+        formats.load(str(tmp_path))
 
 
 def test_error_missing_config(tiny_dir, tmp_path):
     rewrite(tiny_dir, tmp_path, lambda t: t)
     os.remove(tmp_path / "config.json")
     with pytest.raises(ValueError, match="config.json"):
-        checkpoints.load(str(tmp_path))
+        formats.load(str(tmp_path))
 
 
 def test_error_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        checkpoints.load(str(tmp_path / "nowhere"))
+        formats.load(str(tmp_path / "nowhere"))
 
 
 def test_streaming_peak_memory(tmp_path):
@@ -246,7 +246,7 @@ def test_streaming_peak_memory(tmp_path):
     )
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     tracemalloc.start()
-    _, params = checkpoints.load(str(tmp_path))
+    _, params = formats.load(str(tmp_path))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     size = sum(v.nbytes for v in params.values())

@@ -129,7 +129,7 @@ def test_expand_gives_each_point_a_workdir_and_rejects_duplicates():
 
 def test_example_sweep_expands_to_six_runs():
     points, config = sweep.load_sweep(str(REPO / "launch" / "sweeps" / "example.py"))
-    assert config == "configs/base.py" and len(sweep.expand(points, "runs/s")) == 6
+    assert config == "rrt/config.py" and len(sweep.expand(points, "runs/s")) == 6
 
 
 # --- local -----------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The lm-eval-harness adapter on a tiny random recursive model with the real SmolLM2 tokenizer, offline.
 
 Custom task YAMLs over JSONL files in tmp_path (`dataset_path: json`), loaded with `include_path`; the harness's
-results must match rrt's own scoring (rrt.fewshot) and a direct forward pass request by request.
+results must match rrt's own scoring (rrt.eval.fewshot) and a direct forward pass request by request.
 """
 
 import functools
@@ -20,10 +20,10 @@ from flax import nnx
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rrt import fewshot  # noqa: E402
 from rrt import model as model_lib  # noqa: E402
-from rrt.checkpoints import gguf, rrt_dir  # noqa: E402
-from rrt.checkpoints import tokenizer as tokenizer_lib  # noqa: E402
+from rrt.eval import fewshot  # noqa: E402
+from rrt.formats import gguf, rrt_dir  # noqa: E402
+from rrt.formats import tokenizer as tokenizer_lib  # noqa: E402
 
 CFG = model_lib.ModelConfig(
     vocab_size=49152,
@@ -137,7 +137,7 @@ def test_simple_evaluate_matches_rrt_scoring(setup):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from rrt import lm_eval_adapter
+    from rrt.eval import lm_eval_adapter
 
     root, model, tok = setup
     loop = 1
@@ -148,7 +148,7 @@ def test_simple_evaluate_matches_rrt_scoring(setup):
         task_manager=TaskManager(include_path=str(root), include_defaults=False),
         log_samples=True,
     )
-    # Multiple choice: same requests and numbers as rrt.fewshot's generic mc task on the same file.
+    # Multiple choice: same requests and numbers as rrt.eval.fewshot's generic mc task on the same file.
     ours = fewshot.evaluate_tasks(model, tok, [f"mc:{root / 'mc.jsonl'}"], progress=False)["mc"]["per_loop"][loop - 1]
     res = out["results"]["rrt_tiny_mc"]
     assert res["acc,none"] == pytest.approx(ours["acc"])
@@ -175,7 +175,7 @@ def test_rolling_windows_cover_every_token(setup):
     """A text longer than max_length: the harness's windows, each scored by a plain forward pass, summed."""
     from lm_eval import utils as lm_utils
 
-    from rrt import lm_eval_adapter
+    from rrt.eval import lm_eval_adapter
 
     _, model, tok = setup
     text = " ".join(["the quick brown fox jumps over the lazy dog"] * 5)
@@ -196,13 +196,13 @@ def test_rolling_windows_cover_every_token(setup):
 
 
 def test_cli_registers_and_runs(setup, tmp_path):
-    """`python -m rrt.lm_eval_adapter --model rrt ...`: the harness's CLI with rrt registered."""
+    """`python -m rrt.eval.lm_eval_adapter --model rrt ...`: the harness's CLI with rrt registered."""
     root, _, _ = setup
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
     cmd = [
         sys.executable,
         "-m",
-        "rrt.lm_eval_adapter",
+        "rrt.eval.lm_eval_adapter",
         "--model",
         "rrt",
         "--model_args",

@@ -6,7 +6,7 @@ import torch
 import transformers
 
 from rrt import model
-from rrt.checkpoints import hf
+from rrt.formats import hf
 
 # The published config.json files (the fields that matter), as on the Hugging Face hub.
 GEMMA_2B = {

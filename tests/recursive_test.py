@@ -19,7 +19,7 @@ import transformers
 from flax import nnx
 from hf_parity_test import randomize, rel_error
 
-from rrt import checkpoints, convert, lora
+from rrt import convert, formats, lora
 from rrt import model as model_lib
 
 VOCAB, BATCH, TIME = 256, 2, 48
@@ -80,7 +80,7 @@ def rrt_logits(cfg, params) -> np.ndarray:
 
 def load(m, tmp_path):
     m.save_pretrained(tmp_path)
-    return checkpoints.load(str(tmp_path))
+    return formats.load(str(tmp_path))
 
 
 @pytest.mark.parametrize("make", [llama_hf, gemma_hf, neox_hf], ids=["llama", "gemma", "neox"])
@@ -178,7 +178,7 @@ def test_zero_init_lora_equals_strict_recursion(tmp_path):
 
 
 def test_zero_init_lora_is_the_same_function_at_every_rank(tmp_path):
-    """launch/reproduce.py evaluates the zero-init variants' converted model once for all ranks."""
+    """experiments/reproduce/driver.py evaluates the zero-init variants' converted model once for all ranks."""
     base, params = load(llama_hf(), tmp_path)
     logits = []
     for rank in (2, 8):
@@ -239,7 +239,7 @@ def test_conversion_errors(tmp_path):
 
 
 def test_cli_writes_loads_and_refuses_to_overwrite(tmp_path, capsys):
-    from rrt.checkpoints import gguf, tokenizer
+    from rrt.formats import gguf, tokenizer
 
     m = llama_hf(layers=4)
     src = tmp_path / "hf"
@@ -250,7 +250,7 @@ def test_cli_writes_loads_and_refuses_to_overwrite(tmp_path, capsys):
     assert convert.main(args) == 0
     printed = capsys.readouterr().out
     assert "LoRA" in printed and "kept" in printed
-    cfg, params = checkpoints.load(str(out))
+    cfg, params = formats.load(str(out))
     assert cfg.n_loops == 2 and cfg.rank_attn == 48
     assert rel_error(rrt_logits(cfg, params), hf_logits(m)) < 1e-5
     assert json.loads((out / "rrt_model.json").read_text())["conversion"]["recursion"]["loops"] == 2

@@ -1,5 +1,5 @@
-"""launch/reproduce.py: the variant list covers the issue, dry-run commands are exact, resume keys and the computed
-discussion hold; a slow test runs a tiny reproduction end to end (train, evaluate, report, rerun = no work)."""
+"""experiments/reproduce/driver.py: the variant list covers the issue, dry-run commands are exact, resume keys and the
+computed discussion hold; a slow test runs a tiny reproduction end to end (train, evaluate, report, rerun = no work)."""
 
 import contextlib
 import io
@@ -14,8 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from launch import reproduce  # noqa: E402
-from launch import reproduce_report as report  # noqa: E402
+from experiments.reproduce import driver as reproduce  # noqa: E402
+from experiments.reproduce import report  # noqa: E402
 
 
 def dry_run(*args: str) -> list[str]:
@@ -63,7 +63,7 @@ def test_variants_cover_the_issue():
 def test_every_variant_parses_and_builds():
     """Each variant's overrides parse with rrt.train's flags and give a valid model of the SmolLM2 architecture."""
     from rrt import train
-    from rrt.checkpoints import hf
+    from rrt.formats import hf
 
     for v in reproduce.variants("upper"):
         c = reproduce.load_config(reproduce.DEFAULT_CONFIG, ["--config.steps=30", *v.overrides])
@@ -202,7 +202,7 @@ def test_report_renders_a_skeleton_and_full_results(tmp_path):
     text = (docs / "RESULTS.md").read_text()
     assert "No run has finished yet" in text and "not measured" in text and "12,288 tokens per run" in text
     assert f"python -m rrt.train --config configs/reproduce.py --workdir {out}/original --config.steps=12" in text
-    assert f"python launch/reproduce.py --out {out} --docs_dir {docs}   # everything" in text
+    assert f"python experiments/reproduce/driver.py --out {out} --docs_dir {docs}   # everything" in text
     assert not out.exists()  # --report_only computes and writes nothing in --out
     args, rest = reproduce.parse_args(["--out", str(out), "--docs_dir", str(docs)])
     s = reproduce.settings_from_args(args, rest)
@@ -221,8 +221,8 @@ def test_tiny_reproduction_end_to_end_and_resume(tmp_path):
     from flax import nnx
 
     from rrt import model as model_lib
-    from rrt.checkpoints import gguf, rrt_dir
-    from rrt.checkpoints import tokenizer as tokenizer_lib
+    from rrt.formats import gguf, rrt_dir
+    from rrt.formats import tokenizer as tokenizer_lib
 
     cfg = model_lib.ModelConfig(
         vocab_size=49152, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128

@@ -13,10 +13,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rrt import data, train  # noqa: E402
+from rrt import train  # noqa: E402
+from rrt.data import pipeline
 
 HOSTS = int(sys.argv.pop(1))
-_make_iterator = data.make_iterator
+_make_iterator = pipeline.make_iterator
 
 
 class Hosts:
@@ -46,7 +47,7 @@ def make_iterator(cfg, tokenizer, **_):
     return Hosts([_make_iterator(cfg, tokenizer, process_index=i, process_count=HOSTS) for i in range(HOSTS)])
 
 
-data.make_iterator = make_iterator
+pipeline.make_iterator = make_iterator
 
 if __name__ == "__main__":
     train.run()

@@ -11,7 +11,7 @@ import sentencepiece
 import tokenizers
 import transformers
 
-from rrt.checkpoints import gguf, tokenizer
+from rrt.formats import gguf, tokenizer
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "corpora")
 

@@ -20,16 +20,16 @@ import pytest
 import trainrun
 from flax import nnx
 
-from rrt import checkpoint as ckpt_lib
 from rrt import model as model_lib
 from rrt import optim, sharding
-from rrt.checkpoints import rrt_dir
+from rrt import train_state as ckpt_lib
+from rrt.formats import rrt_dir
 
 
 def restore_every_step(workdir) -> dict[int, dict]:
     """{step: params} for every checkpoint in the workdir, each restored completely on this process's 1 device."""
     cfg = model_lib.ModelConfig.from_dict(rrt_dir.read_meta(str(workdir))["model"])
-    with open(os.path.join(workdir, "config.json")) as f:
+    with open(os.path.join(workdir, "train_config.json")) as f:
         c = json.load(f)
     params = nnx.to_pure_dict(nnx.split(model_lib.abstract(cfg))[1])
     opt, _ = optim.make(optim.OptimConfig(**c["optim"], total_steps=c["steps"]), params)

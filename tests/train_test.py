@@ -13,14 +13,12 @@ import sys
 import pytest
 import trainrun
 
-from rrt import train
-
 SHARDING_PROBE = """
 import json, jax
 from flax import nnx
-from configs import tiny
+from rrt import config as config_lib
 from rrt import model as model_lib, optim, sharding, train
-c = tiny.get_config()
+c = config_lib.preset("tiny")
 cfg, _ = train.model_config(c, None)
 params = nnx.to_pure_dict(nnx.split(model_lib.abstract(cfg))[1])
 opt, _ = optim.make(optim.OptimConfig(total_steps=10, warmup_steps=1), params)
@@ -64,16 +62,6 @@ def test_tiny_config_is_really_sharded():
         mu = {k: v for k, v in specs[mesh]["opt"].items() if ".mu['layers']['q']" in k}
         assert list(mu.values()) == [specs[mesh]["params"]["['layers']['q']"]], mu
         assert specs[mesh]["devices"] == [8]
-
-
-def test_logger_drops_records_after_the_restored_step(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "loss": 10.0 - s}) + "\n" for s in range(1, 6)))
-    logger = train.Logger(str(tmp_path), resume_step=3)
-    logger.write(4, {"loss": 1.5})
-    logger.close()
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [(r["step"], r["loss"]) for r in records] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 1.5)]
 
 
 @pytest.mark.slow

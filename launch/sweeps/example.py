@@ -9,7 +9,7 @@ the same command to resume all of them.
 
 from launch import sweep
 
-CONFIG = "configs/base.py"
+CONFIG = "rrt/config.py"
 
 
 def get_sweep() -> list[dict]:

@@ -17,15 +17,15 @@ import time
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from rrt import data  # noqa: E402
-from rrt.checkpoints import gguf, tokenizer  # noqa: E402
+from rrt.data import documents, pipeline, tokens  # noqa: E402
+from rrt.formats import gguf, tokenizer  # noqa: E402
 
 CORPORA = ("../shared/data/corpora/tinystories_val.txt", "../shared/data/corpora/tinyshakespeare.txt")
 
 
-def _throughput(cfg: data.DataConfig, tok, seconds: float) -> tuple[float, int]:
+def _throughput(cfg: pipeline.DataConfig, tok, seconds: float) -> tuple[float, int]:
     """(tokens/s, batches) over `seconds` after one warm-up batch."""
-    it = data.make_iterator(cfg, tok, process_index=0, process_count=1)
+    it = pipeline.make_iterator(cfg, tok, process_index=0, process_count=1)
     next(it)
     tokens = batches = 0
     start = time.perf_counter()
@@ -57,18 +57,18 @@ def run(argv: list[str] | None = None) -> None:
     print(f"{'corpus':28s} {'mode':6s} {'tokens/s':>12s} {'batches':>8s}")
     for path in a.corpora:
         name = os.path.basename(path)
-        src = data.SourceConfig("files", glob=path)
+        src = documents.SourceConfig("files", glob=path)
         with tempfile.TemporaryDirectory() as cache_dir:
-            cfg = data.DataConfig(sources=(src,), seq_len=a.seq_len, global_batch_size=a.batch, num_threads=1)
+            cfg = pipeline.DataConfig(sources=(src,), seq_len=a.seq_len, global_batch_size=a.batch, num_threads=1)
             rate, n = _throughput(cfg, tok, a.seconds)
             print(f"{name:28s} {'cold':6s} {rate:12,.0f} {n:8d}")
-            docs = data.read_documents(path)
-            encoder = data._Encoder(tok, None, None)
+            docs = documents.read_documents(path)
+            encoder = tokens.Encoder(tok, None, None)
             t0 = time.perf_counter()
-            cache = data.cached_tokens(docs, encoder, cache_dir, "bench")
+            cache = tokens.cached_tokens(docs, encoder, cache_dir, "bench")
             n_tokens = int(cache.lengths().sum())
             print(f"{name:28s} {'cache':6s} {n_tokens / (time.perf_counter() - t0):12,.0f} {'':8s}")
-            warm = data.DataConfig(
+            warm = pipeline.DataConfig(
                 sources=(src,), seq_len=a.seq_len, global_batch_size=a.batch, num_threads=1, cache_dir=cache_dir
             )
             rate, n = _throughput(warm, tok, a.seconds)

@@ -33,10 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rrt import checkpoints, decode, depthwise, early_exit
+from rrt import formats
 from rrt import model as model_lib
-from rrt.checkpoints import gguf
-from rrt.checkpoints import tokenizer as tokenizer_lib
+from rrt.decode import cache as decode
+from rrt.decode import depthwise, early_exit
+from rrt.formats import gguf
+from rrt.formats import tokenizer as tokenizer_lib
 
 CORPUS = "../shared/data/corpora/tinystories_val.txt"
 
@@ -133,7 +135,7 @@ def cost_ceiling(cfg: model_lib.ModelConfig, depth: float, head_every_loop: bool
 def main(argv=None) -> int:
     args = parse_args(argv)
     source = args.source or gguf.smollm2_gguf_path()
-    cfg, params = checkpoints.load(source, dtype=args.dtype)
+    cfg, params = formats.load(source, dtype=args.dtype)
     model = model_lib.from_params(cfg, params)
     tok = tokenizer_lib.load_tokenizer(source)
     prompts = load_prompts(args.corpus, tok, args.prompts, args.prompt_tokens)

@@ -80,7 +80,7 @@ def step_fn(cfg: model_lib.ModelConfig, params):
     """(jitted train step, optimizer) exactly as rrt.train builds it on one device."""
     graphdef = nnx.split(model_lib.abstract(cfg))[0]
     opt, _ = optim.make(optim.OptimConfig(total_steps=1000, warmup_steps=10), params)
-    loss_cfg = train.LossConfig(remat_head=cfg.remat != "none")  # log_all_loops=True, as configs/base.py
+    loss_cfg = train.LossConfig(remat_head=cfg.remat != "none")  # log_all_loops=True, as rrt/config.py
     fn = functools.partial(
         train.train_step,
         opt=opt,
@@ -228,9 +228,9 @@ def compile_seconds(cfg: model_lib.ModelConfig, b: int, t: int) -> dict:
 
 
 def gemma_config(layers: int = 18) -> model_lib.ModelConfig:
-    """Recursive Gemma 1B: Gemma-2B's shape (configs/archs.py) with `layers` layers looped twice, bfloat16."""
+    """Recursive Gemma 1B: Gemma-2B's shape (rrt/archs.py) with `layers` layers looped twice, bfloat16."""
     from configs import archs
-    from rrt.checkpoints import hf
+    from rrt.formats import hf
 
     base = hf.config_from_hf(dict(archs.GEMMA_2B))
     return dataclasses.replace(base, n_layers=layers, n_loops=2, dtype="bfloat16", remat="dots")

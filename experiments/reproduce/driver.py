@@ -1,4 +1,4 @@
-"""`python launch/reproduce.py --out runs/reproduce`: the paper's findings, at small scale, on SmolLM2-135M.
+"""`python experiments/reproduce/driver.py --out runs/reproduce`: the paper's findings, at small scale, on SmolLM2-135M.
 
 Every variant is one training run of configs/reproduce.py (same steps, batch and sequence length: the same token
 budget) that differs only by its overrides (`variants`): the original 30-layer model; strict 15 x 2 CYCLE with
@@ -39,11 +39,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from launch import reproduce_report as report  # noqa: E402
+from experiments.reproduce import report  # noqa: E402
 
 DEFAULT_CONFIG = "configs/reproduce.py"
 TASKS = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -280,30 +280,25 @@ class Store:
 
 
 class Evaluator:
-    """Loads the source once; scores converted models and training workdirs into Stores."""
+    """Loads the source once; scores converted models and training workdirs into Stores (rrt.eval.heldout)."""
 
     def __init__(self, s: Settings, c):
         import jax
 
         jax.config.update("jax_compilation_cache_dir", os.path.join(s.out, "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-        from rrt import checkpoints, data, train
-        from rrt import sources as sources_lib
+        from rrt import formats
+        from rrt.eval import heldout
 
         self.s = s
-        src = train.resolve_source(c.source)
+        src = formats.resolve_source(c.source)
         if not src:
-            raise ValueError("launch/reproduce.py converts a pretrained model: config.source must name one")
-        self.base_cfg, self.base_params = checkpoints.load(src)
-        self.tokenizer = sources_lib.load_tokenizer(train.resolve_source(c.source or c.tokenizer))
-        self.heldout = {
-            corpus_name(src): data.heldout_text(
-                repo_path(src["glob"]), src["heldout_fraction"], doc_separator=src.get("doc_separator", "blank_line")
-            )
-            for src in heldout_sources(c)
-        }
+            raise ValueError("experiments/reproduce/driver.py converts a pretrained model: config.source must name one")
+        self.base_cfg, self.base_params = formats.load(src)
+        self.tokenizer = formats.load_tokenizer(c.source or c.tokenizer)
+        sources = [{**src, "glob": repo_path(src["glob"])} for src in heldout_sources(c)]
+        self.heldout = heldout.heldout_texts(sources)
         self.data_dir = repo_path(c.eval.data_dir)
-        self.ids: dict[str, list[int]] = {}
 
     def converted(self, c):
         """The model `rrt.train` starts from (conversion in float32), and its parameter counts."""
@@ -315,52 +310,33 @@ class Evaluator:
         return model_lib.from_params(cfg, params), report_["params"]
 
     def trained(self, wd: str):
+        from rrt import formats
         from rrt import model as model_lib
-        from rrt import sources as sources_lib
 
-        model = sources_lib.load_model(wd)
+        model = formats.load_model(wd)
         return model, model_lib.count_params(model.cfg)
 
     def evaluate(self, model, store: Store, ev: dict, with_tasks: bool, label: str) -> None:
-        from rrt import fewshot, perplexity, scoring
+        from rrt.eval import heldout
 
-        scorer = scoring.make_scorer(model)
-        for corpus in ev["corpora"]:
-            if corpus in store.data["perplexity"]:
-                continue
-            t0 = time.time()
-            if corpus not in self.ids:
-                self.ids[corpus] = self.tokenizer.encode(self.heldout[corpus])
-            ids = self.ids[corpus]
-            if ev["windows"]:
-                ids = ids[: ev["windows"] * ev["seq_len"]]
-            store.data["perplexity"][corpus] = perplexity.perplexity(
-                model, ids, ev["seq_len"], batch_size=4, progress=False, scorer=scorer
-            )
-            store.data["seconds"] += time.time() - t0
+        spec = heldout.Spec(
+            seq_len=ev["seq_len"],
+            windows=ev["windows"],
+            tasks=tuple(ev["tasks"]) if with_tasks else (),
+            data_dir=self.data_dir,
+            shots=ev["shots"],
+            limit=ev["limit"],
+        )
+
+        def stored(kind: str, name: str, res: dict, seconds: float) -> None:
+            store.data[kind][name] = res
+            store.data["seconds"] += seconds
             store.save()
-            _say(f"{label}: {corpus} ppl {store.data['perplexity'][corpus]['ppl']:.2f} ({time.time() - t0:.0f}s)")
-        if not with_tasks:
-            return
-        for task in ev["tasks"]:
-            if task in store.data["tasks"]:
-                continue
-            t0 = time.time()
-            res = fewshot.evaluate_tasks(
-                model,
-                self.tokenizer,
-                [task],
-                data_dir=self.data_dir,
-                shots=ev["shots"],
-                limit=ev["limit"],
-                batch_size=8,
-                progress=False,
-                scorer=scorer,
-            )
-            store.data["tasks"][task] = res[task]
-            store.data["seconds"] += time.time() - t0
-            store.save()
-            _say(f"{label}: {task} {report.task_score(res[task]):.3f} ({time.time() - t0:.0f}s)")
+            score = res["ppl"] if kind == "perplexity" else report.task_score(res)
+            _say(f"{label}: {name} {'ppl ' if kind == 'perplexity' else ''}{score:.3f} ({seconds:.0f}s)")
+
+        texts = {corpus: self.heldout[corpus] for corpus in ev["corpora"]}
+        heldout.evaluate(model, self.tokenizer, spec, texts, done=store.data, on_result=stored)
 
 
 def machine() -> dict[str, Any]:
@@ -519,7 +495,7 @@ def check_manifest(s: Settings, c) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(
-        prog="launch/reproduce.py",
+        prog="experiments/reproduce/driver.py",
         description=__doc__.splitlines()[0],
         epilog="Any --config.x=y argument is passed to every training run (after the budget, before the variant's).",
     )
@@ -607,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = lambda a: ["python", *a[1:]] if a[0] == s.python else a  # noqa: E731
     commands = {v.name: shlex.join(shown(train_argv(s, v))) for v in all_variants}
     driver_args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report_only"]
-    driver_cmd = shlex.join(["python", "launch/reproduce.py", *driver_args])
+    driver_cmd = shlex.join(["python", "experiments/reproduce/driver.py", *driver_args])
     path = report.write(s, driver.c, driver.ev, all_variants, commands, driver_cmd, display_path(s.out))
     _say(f"wrote {path}")
     return 0

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rrt import model as model_lib
-from rrt import scoring
+from rrt.eval import scoring
 
 
 def windows(token_ids: list[int] | np.ndarray, seq_len: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Per-token early exit while decoding: exit rules, one loop at a time, and the deep-KV fill policy.
 
-Exiting after loop r means applying the final norm and head to the hidden state after loop r (as `rrt.scoring` does);
-the token is drawn from those logits. Rules (`ExitRule`), checked after every loop, the last loop always exiting:
+Exiting after loop r means applying the final norm and head to the hidden state after loop r (as `rrt.eval.scoring`
+does); the token is drawn from those logits. Rules (`ExitRule`), checked after every loop, the last loop always exiting:
   max_prob   the exit's largest softmax probability >= threshold (a threshold > 1 never fires)
   agreement  the exit's argmax equals the previous loop's argmax (possible from loop 2 on)
   cosine     the loop barely turned the hidden state: cos(state after the loop, state before it) >= threshold (the
@@ -17,7 +17,7 @@ with h_e the exit hidden state and k_proj_l, v_proj_l, norm_l position l's own w
 its per-position norm). This costs only the k and v projections (about 6% of a block for SmolLM2) of the skipped
 positions, and it is batched: `fill_kv` walks the L positions once for all rows together, each row writing only
 the positions of its own skipped loops (loops nobody needs are skipped with a `lax.cond`). Every decoding path
-(static batching below, the depth-wise engine in `rrt.depthwise`) fills with this one function, so they agree.
+(static batching below, the depth-wise engine in `rrt.decode.depthwise`) fills with this one function, so they agree.
 
 `run_loop` runs one loop (the K shared layers) for a batch in which each row may sit at its own loop index and
 sequence position (see its docstring for how the per-position weights reach each row). With a scalar loop index

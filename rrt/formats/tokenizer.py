@@ -134,7 +134,7 @@ def from_hf_dir(path: str) -> Tokenizer:
 
 def from_gguf(path: str) -> Tokenizer:
     """The byte-level BPE described by a GGUF file's tokenizer.ggml.* metadata."""
-    from rrt.checkpoints import gguf as gguf_reader
+    from rrt.formats import gguf as gguf_reader
 
     r = gguf_reader.reader(path)
 

@@ -1,7 +1,7 @@
 """Training checkpoints: an Orbax CheckpointManager over params, optimizer state and the data iterators' state.
 
 Layout of a workdir:
-    <workdir>/rrt_model.json      the model config (written once, at the start of a run; see rrt.checkpoints.rrt_dir)
+    <workdir>/rrt_model.json      the model config (written once, at the start of a run; see rrt.formats.rrt_dir)
     <workdir>/tokenizer/          the tokenizer
     <workdir>/checkpoints/<step>/ Orbax items: params, opt_state, meta (step, config fingerprint), data (iterators)
 
@@ -20,7 +20,6 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from rrt import model as model_lib
-from rrt.checkpoints import rrt_dir
 
 
 def manager(workdir: str, save_every: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -86,7 +85,7 @@ def load_params(workdir: str, cfg: model_lib.ModelConfig, step: int | None = Non
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{workdir} holds no complete checkpoint")
-    abstract = rrt_dir.nest({k: jax.ShapeDtypeStruct(s, np.float32) for k, s in model_lib.param_shapes(cfg).items()})
+    abstract = model_lib.nest({k: jax.ShapeDtypeStruct(s, np.float32) for k, s in model_lib.param_shapes(cfg).items()})
     tree = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
     mngr.close()
-    return {k: np.asarray(v) for k, v in rrt_dir.flatten(tree).items()}
+    return {k: np.asarray(v) for k, v in model_lib.flatten(tree).items()}

@@ -9,11 +9,11 @@ Design notes.
 * Every shape is static: prompts are padded to a multiple of `PAD`, the cache length S is fixed per call, the batch
   is padded with dummy rows, so a run compiles one prefill and one step function.
 * Prefill runs full depth (`model.stack`); each decode step is either full depth or early exit
-  (`rrt.early_exit.step`, the batch waits for its slowest token). Both run the loops with `early_exit.run_loop`,
+  (`rrt.decode.early_exit.step`, the batch waits for its slowest token). Both run the loops with `early_exit.run_loop`,
   which scatters only each token's new k/v: `model.stack` passes the cache through its scans as xs/ys and so
   rewrites all of it every step (measured on SmolLM2 15 x 2, 8 rows, CPU: 248 ms vs 194 ms per step).
 * Sampling (greedy, temperature, top-k, top-p) draws token i of request n with the key fold_in(fold_in(seed, n), i),
-  so a request's tokens do not depend on which batch or engine slot decoded it (`rrt.depthwise` relies on this).
+  so a request's tokens do not depend on which batch or engine slot decoded it (`rrt.decode.depthwise` relies on this).
 * Functions on arrays are pure and module-level; the model enters as (graphdef, state) and is merged inside jit.
 """
 
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rrt import early_exit
 from rrt import model as model_lib
+from rrt.decode import early_exit
 
 PAD = 16  # prompts are padded to a multiple of this many tokens
 

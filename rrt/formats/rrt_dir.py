@@ -2,10 +2,10 @@
 
     <dir>/rrt_model.json   {"format": 1, "model": ModelConfig fields, "source": ..., "conversion": {...}}
     <dir>/params/          an Orbax checkpoint of the nested parameter tree (float32 unless converted otherwise)
-    <dir>/tokenizer/       the source model's tokenizer, saved by rrt.checkpoints.tokenizer
+    <dir>/tokenizer/       the source model's tokenizer, saved by rrt.formats.tokenizer
 
 A training workdir is read the same way: train writes `rrt_model.json` at its root and Orbax steps below it; the
-newest complete step's parameters are loaded (see rrt.checkpoint).
+newest complete step's parameters are loaded (see rrt.train_state).
 """
 
 import json
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from rrt import model as model_lib
+from rrt import train_state
 
 META = "rrt_model.json"
 
@@ -35,27 +36,6 @@ def read_meta(path: str) -> dict[str, Any]:
     return meta
 
 
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split("/")
-        d = out
-        for p in parents:
-            d = d.setdefault(p, {})
-        d[leaf] = value
-    return out
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}/"))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def save(path: str, cfg: model_lib.ModelConfig, params: dict[str, Any], tokenizer=None, **extra) -> None:
     """Writes a model directory. Refuses to write into a directory that already holds anything."""
     import orbax.checkpoint as ocp
@@ -67,7 +47,9 @@ def save(path: str, cfg: model_lib.ModelConfig, params: dict[str, Any], tokenize
     if set(expected) != set(params):
         raise ValueError(f"params do not match config: {sorted(set(expected) ^ set(params))}")
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(os.path.join(path, "params")), nest({k: np.asarray(v) for k, v in params.items()}))
+        ckptr.save(
+            os.path.abspath(os.path.join(path, "params")), model_lib.nest({k: np.asarray(v) for k, v in params.items()})
+        )
         ckptr.wait_until_finished()
     if tokenizer is not None:
         tokenizer.save(os.path.join(path, "tokenizer"))
@@ -86,13 +68,11 @@ def load(path: str, dtype=None) -> tuple[model_lib.ModelConfig, dict[str, np.nda
     cfg = model_lib.ModelConfig.from_dict(meta["model"])
     params_dir = os.path.join(path, "params")
     if not os.path.isdir(params_dir):
-        from rrt import checkpoint as train_checkpoint  # a training workdir
-
-        return cfg, train_checkpoint.load_params(path, cfg)
+        return cfg, train_state.load_params(path, cfg)  # a training workdir
     shapes = model_lib.param_shapes(cfg)
     import jax
 
-    target = nest({k: jax.ShapeDtypeStruct(s, np.float32) for k, s in shapes.items()})
+    target = model_lib.nest({k: jax.ShapeDtypeStruct(s, np.float32) for k, s in shapes.items()})
     try:
         with ocp.StandardCheckpointer() as ckptr:
             meta_tree = ckptr.metadata(os.path.abspath(params_dir)).item_metadata
@@ -100,5 +80,5 @@ def load(path: str, dtype=None) -> tuple[model_lib.ModelConfig, dict[str, np.nda
             tree = ckptr.restore(os.path.abspath(params_dir), target)
     except Exception as e:  # orbax raises many types; name the directory and the cause
         raise ValueError(f"cannot restore parameters from {params_dir}: {type(e).__name__}: {e}") from e
-    params = {k: np.asarray(v, dtype=dtype) if dtype else np.asarray(v) for k, v in flatten(tree).items()}
+    params = {k: np.asarray(v, dtype=dtype) if dtype else np.asarray(v) for k, v in model_lib.flatten(tree).items()}
     return cfg, params

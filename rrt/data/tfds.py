@@ -1,15 +1,15 @@
 """Prepare local text files as a TFDS dataset in array_record format, readable without TensorFlow.
 
-    python -m rrt.text_tfds --input 'corpus/*.txt' --name my_corpus --data_dir ~/tfds [--heldout_fraction 0.1]
+    python -m rrt.data.tfds --input 'corpus/*.txt' --name my_corpus --data_dir ~/tfds [--heldout_fraction 0.1]
 
 A pod job then reads it like any TFDS dataset: `SourceConfig(kind="tfds", name="my_corpus", data_dir=...)`, through
 `tfds.data_source` (rrt.data). Seconds for the shared corpora (about 1 MB each).
 
 Design notes.
-* Documents come from `rrt.data.read_documents` (the same reader as a "files" source: blank-line, line or
+* Documents come from `rrt.data.documents.read_documents` (the same reader as a "files" source: blank-line, line or
   one-per-file text, or a jsonl field), so a corpus gives the same documents either way.
-* Splits: "train", plus "validation" (the last `heldout_fraction` of documents, as `rrt.data.split_documents` and
-  `rrt.data.heldout_text` cut them) when the fraction is positive; tinyshakespeare has no split of its own.
+* Splits: "train", plus "validation" (the last `heldout_fraction` of documents, as `rrt.data.documents.split_documents`
+  and `heldout_text` cut them) when the fraction is positive; tinyshakespeare has no split of its own.
 * The builder class is made per dataset name and not registered (the name is the user's); a reader needs no class:
   `tfds.data_source` rebuilds the dataset from the files in `data_dir`. Shuffling at write time is off, so record i
   is document i; the pipeline shuffles globally anyway.
@@ -22,7 +22,7 @@ import types
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import download
 
-from rrt import data
+from rrt.data import documents
 
 VERSION = "1.0.0"
 
@@ -46,8 +46,8 @@ class _TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         )
 
     def _split_generators(self, dl_manager):
-        docs = data.read_documents(self.input_glob, doc_separator=self.doc_separator, text_field=self.text_field)
-        train, heldout = data.split_documents(docs, self.heldout_fraction)
+        docs = documents.read_documents(self.input_glob, doc_separator=self.doc_separator, text_field=self.text_field)
+        train, heldout = documents.split_documents(docs, self.heldout_fraction)
         splits = {"train": self._generate_examples(train)}
         if heldout:
             splits["validation"] = self._generate_examples(heldout)
@@ -70,7 +70,7 @@ def builder(
     """A builder (array_record) for the documents of `input_glob`, named `name`, under `data_dir`."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"TFDS dataset name must be snake_case ([a-z][a-z0-9_]*), got {name!r}")
-    data.SourceConfig("files", glob=input_glob, doc_separator=doc_separator, heldout_fraction=heldout_fraction)
+    documents.SourceConfig("files", glob=input_glob, doc_separator=doc_separator, heldout_fraction=heldout_fraction)
     attrs = dict(
         name=name,
         input_glob=input_glob,
@@ -118,7 +118,7 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--input", required=True, help="glob(s) of .txt / .jsonl files, comma-separated")
     p.add_argument("--name", required=True, help="dataset name (snake_case)")
     p.add_argument("--data_dir", required=True, help="TFDS data directory to write into")
-    p.add_argument("--doc_separator", default="blank_line", choices=data.DOC_SEPARATORS)
+    p.add_argument("--doc_separator", default="blank_line", choices=documents.DOC_SEPARATORS)
     p.add_argument("--text_field", default="text", help="jsonl field holding the text")
     p.add_argument("--heldout_fraction", type=float, default=0.0, help="last fraction of documents -> 'validation'")
     p.add_argument("--overwrite", action="store_true", help="rewrite an existing dataset of this name and version")

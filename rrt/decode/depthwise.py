@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rrt import decode, early_exit
 from rrt import model as model_lib
+from rrt.decode import cache as decode
+from rrt.decode import early_exit
 
 
 def init_state(cfg: model_lib.ModelConfig, slots: int, max_len: int, cache_dtype=jnp.float32) -> dict:

@@ -181,13 +181,19 @@ READERS = {
 }
 
 
+def task_name(spec: str) -> str:
+    """The name a task spec's results go under: the paper task's name, or a generic task file's stem."""
+    kind, sep, path = spec.partition(":")
+    return os.path.splitext(os.path.basename(path))[0] if sep else spec
+
+
 def load(spec: str, data_dir: str | None = None) -> Task:
     """A task by name (one of PAPER_TASKS, read from <data_dir>/eval) or `mc:<path>` / `partial:<path>`."""
     kind, sep, path = spec.partition(":")
     if sep:
         if kind not in ("mc", "partial"):
             raise ValueError(f"task {spec!r}: a generic task is mc:<path.jsonl> or partial:<path.jsonl>")
-        name = os.path.splitext(os.path.basename(path))[0]
+        name = task_name(spec)
         records = _read_jsonl(path)
     else:
         if spec not in PAPER_TASKS:

@@ -21,20 +21,19 @@ Design notes.
   argmax, and its perplexity = exp(-mean over documents of the target's summed log-prob) (the harness's
   `perplexity` aggregation). Standard errors: sample std (ddof=1) / sqrt(n) for means (lm-eval's `mean_stderr`);
   for perplexity, the delta method ppl * stderr(mean log-prob) (lm-eval bootstraps it).
-* Every metric is computed after every loop (exit after loop r, see rrt.scoring); the top-level numbers are the last
-  loop's, the full-depth model.
+* Every metric is computed after every loop (exit after loop r, see rrt.eval.scoring); the top-level numbers are the
+  last loop's, the full-depth model.
 """
 
 import bisect
 import math
-import os
 
 import numpy as np
 from tqdm import tqdm
 
 from rrt import model as model_lib
-from rrt import scoring
-from rrt import tasks as tasks_lib
+from rrt.eval import scoring
+from rrt.eval import tasks as tasks_lib
 
 DEFAULT_MAX_LEN = 2048
 MIN_ROW_LEN = 16
@@ -218,7 +217,7 @@ def evaluate_tasks(
     max_len: int = DEFAULT_MAX_LEN,
     scorer=None,
 ) -> dict[str, dict]:
-    """{task name: metrics} for task names (see rrt.tasks.load); `scorer` reuses a `scoring.make_scorer(model)`."""
+    """{task name: metrics} for task names (see rrt.eval.tasks.load); `scorer` reuses a `scoring.make_scorer(model)`."""
     scorer = scorer or scoring.make_scorer(model)
     results = {}
     for spec in tasks:
@@ -228,60 +227,3 @@ def evaluate_tasks(
         results[task.name], _, _ = run_task(scorer, tokenizer, task, shots, limit, seed, batch_size, max_len, progress)
     return results
 
-
-def evaluate_for_training(
-    model: model_lib.Decoder,
-    tokenizer,
-    tasks: list[str],
-    data_dir: str | None,
-    shots: int = 0,
-    limit: int | None = 500,
-    batch_size: int = 8,
-    seq_len: int = 512,
-) -> dict[str, float]:
-    """Flat scalars for a training log: eval/<task>/<metric> (last loop) and eval/<task>/<metric>_loop<r> when the
-    model loops more than once. A task `perplexity:<text file>` scores held-out perplexity of that file's first
-    `limit` windows of `seq_len` tokens (eval/perplexity/ppl)."""
-    from rrt import perplexity as perplexity_lib
-
-    scorer = scoring.make_scorer(model)
-    flat: dict[str, float] = {}
-
-    def add(name: str, res: dict, metrics: tuple[str, ...]):
-        for m in metrics:
-            if res.get(m) is not None:
-                flat[f"eval/{name}/{m}"] = float(res[m])
-        if model.cfg.n_loops > 1:
-            for row in res["per_loop"]:
-                for m in metrics:
-                    if row.get(m) is not None:
-                        flat[f"eval/{name}/{m}_loop{row['loop']}"] = float(row[m])
-
-    fewshot_specs = []
-    n_ppl = sum(spec.startswith("perplexity:") for spec in tasks)
-    for spec in tasks:
-        kind, _, path = spec.partition(":")
-        if kind == "perplexity":
-            with open(path, encoding="utf-8") as f:
-                ids = tokenizer.encode(f.read())
-            if limit is not None:
-                ids = ids[: limit * seq_len]
-            res = perplexity_lib.perplexity(model, ids, seq_len, batch_size, progress=False, scorer=scorer)
-            name = "perplexity" if n_ppl == 1 else "perplexity_" + os.path.splitext(os.path.basename(path))[0]
-            add(name, res, ("ppl", "nll"))
-        else:
-            fewshot_specs.append(spec)
-    results = evaluate_tasks(
-        model,
-        tokenizer,
-        fewshot_specs,
-        data_dir=data_dir,
-        shots=shots,
-        limit=limit,
-        batch_size=batch_size,
-        progress=False,
-        scorer=scorer,
-    )
-    for name, res in results.items():
-        add(name, res, ("acc", "acc_norm", "ppl"))
-    return flat

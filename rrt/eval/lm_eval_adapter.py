@@ -1,20 +1,20 @@
 """lm-eval-harness model "rrt": any model rrt can load, scored by the harness's own tasks.
 
-    python -m rrt.lm_eval_adapter --model rrt --model_args path=<HF dir | .gguf | rrt dir>[,loop=R][,max_length=N] \
+    rrt-lm-eval --model rrt --model_args path=<HF dir | .gguf | rrt dir>[,loop=R][,max_length=N] \
         --tasks hellaswag --num_fewshot 0 --batch_size 8 [--include_path my_tasks/] --output_path out/
 
 Design notes.
-* Discovery: lm-eval 0.4.13 finds models only in its registry; it does not read the `lm_eval` entry-point group that
-  pyproject.toml declares, and `lm_eval --model rrt` never imports this module. Registration happens on import
-  (`@register_model("rrt")`), so `python -m rrt.lm_eval_adapter <lm_eval arguments>` (this module's `main`: import,
-  then the harness's own CLI) or `import rrt.lm_eval_adapter` before `lm_eval.simple_evaluate(model="rrt", ...)`.
+* Discovery: lm-eval 0.4.13 finds models only in its own registry and has no plugin hook for them, so `lm_eval
+  --model rrt` cannot work. Registration happens on import (`@register_model("rrt")`): `rrt-lm-eval <lm_eval
+  arguments>` (this module's `main`: import, then the harness's own CLI, every flag included) or `import
+  rrt.eval.lm_eval_adapter` before `lm_eval.simple_evaluate(model="rrt", ...)`.
 * loglikelihood goes through `TemplateLM` (the harness's `_encode_pair`, empty-context handling) into
-  `rrt.fewshot.loglikelihoods`: packed fixed-shape batches through `rrt.scoring`, so `python -m rrt.evaluate` and the
-  harness agree request by request. `loop=r` scores exiting after loop r (default: the last, full depth).
+  `rrt.eval.fewshot.loglikelihoods`: packed fixed-shape batches through `rrt.eval.scoring`, so `rrt-evaluate` and
+  the harness agree request by request. `loop=r` scores exiting after loop r (default: the last, full depth).
 * loglikelihood_rolling: the harness's rolling windows (`get_rolling_token_windows` with the prefix token, context
   length 1, disjoint), each window scored like a loglikelihood request, summed per document.
 * generate_until: greedy, one request at a time, recomputing the whole (padded, fixed-shape) sequence each step; no
-  KV cache (rrt.decode will provide one). Stops at EOS, at `max_gen_toks`, or at the first stop string (`until`,
+  KV cache. Stops at EOS, at `max_gen_toks`, or at the first stop string (`until`,
   default the EOS text), which is cut from the output as the harness expects. Sampling arguments are refused.
 """
 
@@ -29,7 +29,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from rrt import fewshot, scoring, sources
+from rrt import formats
+from rrt.eval import fewshot, scoring
 
 
 @register_model("rrt")
@@ -52,7 +53,7 @@ class RRTLM(TemplateLM):
         if model is None:
             if not path:
                 raise ValueError("model 'rrt' needs model_args path=<HF dir | .gguf file | rrt model dir>")
-            model, tokenizer = sources.load_model(path, dtype=dtype), sources.load_tokenizer(path)
+            model, tokenizer = formats.load_model(path, dtype=dtype), formats.load_tokenizer(path)
         if tokenizer is None:
             raise ValueError("RRTLM(model=...) also needs tokenizer=...")
         self.model, self.tokenizer = model, tokenizer
