@@ -31,18 +31,32 @@ def config_file(config: str) -> str:
     return config.split(":", 1)[0]
 
 
+def is_preset(config: str) -> bool:
+    """True for a bare preset name (`tiny`, `recursive_gemma_1b:arg`) shipped in this checkout's configs/."""
+    name = config_file(config)
+    return os.sep not in name and not name.endswith(".py") and (REPO / "configs" / f"{name}.py").is_file()
+
+
 def check_config(config: str) -> None:
-    """Fail early on a config file that does not exist (relative to the current directory)."""
+    """Fail early on a config that is neither a preset name nor an existing file (relative to the current directory)."""
+    if is_preset(config):
+        return
     path = config_file(config)
     if not path.endswith(".py"):
-        raise LaunchError(f"--config must be a Python config file (configs/<name>.py), got {config!r}")
+        presets = sorted(p.stem for p in (REPO / "configs").glob("*.py") if not p.stem.startswith("_"))
+        raise LaunchError(
+            f"--config must be a preset name ({', '.join(presets)}) or a Python config file, got {config!r}"
+        )
     if not os.path.isfile(path):
         raise LaunchError(f"unknown config file {path!r} (relative to {os.getcwd()})")
 
 
 def config_for(config: str, repo: Path) -> str:
-    """`config` for a command that runs from `repo`: relative to it when inside it, else absolute (keeps `:arg`)."""
+    """`config` for a command that runs from `repo`: a preset name as it is; a file relative to `repo` when inside
+    it, else absolute (keeps `:arg`)."""
     check_config(config)
+    if is_preset(config):
+        return config
     path, sep, arg = config.partition(":")
     rel = os.path.relpath(os.path.abspath(path), repo)
     inside = rel != ".." and not rel.startswith(".." + os.sep)

@@ -22,12 +22,15 @@ fi
 config="$1"
 workdir="$2"
 shift 2
-if [[ "$config" != *.py && "$config" != *.py:* ]]; then
-  echo "error: CONFIG must be a Python config file (configs/<name>.py), got '$config'" >&2
+name="${config%%:*}"
+if [[ "$name" != */* && "$name" != *.py && -f "$repo/configs/$name.py" ]]; then
+  :  # a preset name (rrt.train resolves it)
+elif [[ "$config" != *.py && "$config" != *.py:* ]]; then
+  echo "error: CONFIG must be a preset name (configs/<name>.py without the path) or a Python config file," \
+    "got '$config'" >&2
   echo "$usage" >&2
   exit 2
-fi
-if [[ ! -f "${config%%:*}" ]]; then
+elif [[ ! -f "${config%%:*}" ]]; then
   echo "error: unknown config file '${config%%:*}' (relative to $PWD)" >&2
   exit 2
 fi

@@ -148,11 +148,22 @@ def test_local_dry_run_prints_the_training_command(git_repo):
 
 
 @pytest.mark.parametrize("args, message", [(["configs/nope.py", "w"], "unknown config file 'configs/nope.py'"),
-                                           (["configs", "w"], "must be a Python config file"),
+                                           (["configs", "w"], "must be a preset name"),
                                            (["configs/x.py"], "usage:")])  # fmt: skip
 def test_local_rejects_bad_input(git_repo, args, message):
     out = run_local_sh(*args)
     assert out.returncode == 2 and message in out.stderr
+
+
+def test_a_preset_name_passes_through_every_launcher(git_repo, capsys):
+    out = run_local_sh("--dry-run", "tiny", "runs/p", env={"PYTHON": "py"})  # local.sh knows its own checkout's presets
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["py", "-m", "rrt.train", "--config", "tiny", "--workdir", "runs/p"]
+    assert common.config_for("x", git_repo) == "x" and common.repo_relative_config("x:arg", git_repo) == "x:arg"
+    assert slurm.main([*SLURM_FLAGS, "--config", "x", "--workdir", "runs/g", "--dry-run"]) == 0
+    assert "--config x " in capsys.readouterr().err
+    with pytest.raises(common.LaunchError, match=r"preset name \(x\)"):
+        common.check_config("y")
 
 
 def test_local_runs_training_and_logs_to_the_workdir(git_repo, tmp_path):
