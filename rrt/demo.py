@@ -105,11 +105,17 @@ def plot(results: dict, metrics_path: str, out: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     from rrt import config, convert, formats, train
     from rrt import model as model_lib
     from rrt.eval import heldout
 
+    data = config.shared_data()
+    if not os.path.isdir(os.path.join(data, "corpora")) or not os.path.isdir(os.path.join(data, "eval")):
+        raise SystemExit(
+            f"error: the shared data directory {data} (corpora/ and eval/) is missing: the demo trains on its corpora "
+            "and evaluates on its eval sets. Put it beside the checkout (../shared/data) or set RRT_SHARED_DATA."
+        )
+    os.makedirs(args.out, exist_ok=True)
     c = config.preset("smollm2_demo")
     src = formats.resolve_source("smollm2")
     tokenizer = formats.load_tokenizer(src)
