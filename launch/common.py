@@ -26,6 +26,21 @@ def is_remote(path: str) -> bool:
     return "://" in path
 
 
+def check_pod_workdir(workdir: str, flag: str) -> None:
+    """A workdir every host of a pod reaches as the same place: an absolute path, never relative or `~` (those
+    resolve inside each worker's code directory, which the next launch replaces), and not yet a URL."""
+    if is_remote(workdir):
+        raise LaunchError(
+            f"{flag} {workdir!r}: rrt.train does not write to URLs yet; mount the bucket (gcsfuse) at the same path "
+            "on every worker and pass that absolute path"
+        )
+    if workdir.startswith("~") or not workdir.startswith("/"):
+        raise LaunchError(
+            f"{flag} must be an absolute path on a filesystem every worker shares, got {workdir!r}"
+            " (a relative or ~ path would land in the workers' code directory, which each launch replaces)"
+        )
+
+
 def config_file(config: str) -> str:
     """The file part of an ml_collections config argument (`configs/x.py:arg` -> `configs/x.py`)."""
     return config.split(":", 1)[0]

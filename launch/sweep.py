@@ -266,6 +266,7 @@ def launch_slurm(args: argparse.Namespace, rest: list[str], config: str, points:
 def launch_tpu_pod(args: argparse.Namespace, rest: list[str], config: str, points: list[Point]) -> int:
     """All points, one after another, in one detached job on the slice; the workers write the manifest."""
     largs = launcher_args("tpu_pod", rest, args.dry_run)
+    common.check_pod_workdir(args.base_workdir, "--base_workdir")
     config = common.repo_relative_config(config, common.REPO)
     if not largs.skip_setup:
         tpu_pod.check_committed(common.REPO, [config])

@@ -8,14 +8,16 @@ The plan, every step printed (shell-quoted) before it runs:
   1. `git archive HEAD` into build/rrt-code.tar.gz: the committed tree, so every worker runs the same known commit
      (uncommitted changes are not shipped: a warning says so, and an uncommitted config is an error);
   2. `gcloud compute tpus tpu-vm scp` the tarball to every worker (`--worker=all`);
-  3. on every worker, unpack it into ~/rrt (keeping ~/rrt/.venv) and set up the venv with uv: Python 3.11 (TPU VM
-     images ship 3.10), `-r requirements.txt` plus `jax[tpu]` pinned to requirements.txt's jax, CPU-only torch
-     (it is a test-time reference; `--skip_setup` skips steps 1-3);
-  4. on every worker, start the training command under `nohup setsid`, from ~/rrt, appending its output to
+  3. on every worker, first refuse if a run is still going (before anything is touched), then replace the code
+     directory ~/rrt/code with the tarball (the only thing the launcher ever deletes) and bring the venv ~/rrt/venv
+     up to date with uv: Python 3.11 (TPU VM images ship 3.10), `-r requirements.txt` plus `jax[tpu]` pinned to
+     requirements.txt's jax, CPU-only torch (a test-time reference); `--skip_setup` skips steps 1-3;
+  4. on every worker, start the training command under `nohup setsid`, from ~/rrt/code, appending its output to
      ~/rrt_logs/<run>.<hostname>.log; the process group id goes to ~/rrt_logs/train.pid, which `--stop` signals and
      which keeps a second launch from starting while a run is still going.
 No coordinator flags are needed: `jax.distributed.initialize()` finds the slice's workers from the TPU metadata.
-DIR must be the same shared path on every worker (see docs/LAUNCHING.md).
+DIR must be absolute and the same shared path on every worker (see docs/LAUNCHING.md): a relative or `~` path would
+land in the code directory, which the next launch replaces. Relaunching the same command resumes.
 """
 
 import argparse
@@ -33,13 +35,22 @@ from launch import common  # noqa: E402
 
 LOCAL_TARBALL = "build/rrt-code.tar.gz"  # under the repository (build/ is git-ignored)
 REMOTE_TARBALL = "/tmp/rrt-code.tar.gz"
-REMOTE_DIR = "$HOME/rrt"
+REMOTE_HOME = "$HOME/rrt"
+REMOTE_DIR = f"{REMOTE_HOME}/code"  # replaced by every launch; nothing else is deleted
+REMOTE_VENV = f"{REMOTE_HOME}/venv"
+PYTHON = "../venv/bin/python"  # REMOTE_VENV, from REMOTE_DIR (the runs' working directory)
 LOG_DIR = "$HOME/rrt_logs"
 PIDFILE = f"{LOG_DIR}/train.pid"
 PYTHON_VERSION = "3.11"
 TORCH_BACKEND = "cpu"
 # Whether the pidfile's process is running (a zombie, left where nothing reaps it, does not count).
 ALIVE = f'ps -o stat= -p "$(cat "{PIDFILE}")" 2>/dev/null | grep -q "^[^Z]"'
+# Refuse (exit 1) while a run is going: checked before the code is replaced and before a run starts.
+REFUSE_IF_RUNNING = (
+    f'if [ -f "{PIDFILE}" ] && {ALIVE}; then '
+    f'echo "$(hostname): a run is still going (pid $(cat "{PIDFILE}")); stop it first with --stop" >&2; '
+    "exit 1; fi"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,17 +86,20 @@ def jax_version(requirements: Path) -> str:
 
 
 def setup_script(jax_pin: str) -> str:
-    """Worker shell: unpack the code into ~/rrt (keeping the venv) and bring the venv up to requirements.txt."""
+    """Worker shell: refuse while a run is going; else replace ~/rrt/code with the tarball (nothing else is deleted)
+    and bring the venv ~/rrt/venv up to requirements.txt."""
     steps = [
+        f'mkdir -p "{LOG_DIR}"',
+        REFUSE_IF_RUNNING,
+        f'rm -rf "{REMOTE_DIR}"',
         f'mkdir -p "{REMOTE_DIR}"',
         f'cd "{REMOTE_DIR}"',
-        r"find . -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +",
         f"tar -xzf {REMOTE_TARBALL}",
         'export PATH="$HOME/.local/bin:$PATH"',
         "(command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh)",
-        f"(test -x .venv/bin/python || uv venv --python {PYTHON_VERSION} .venv)",
+        f'(test -x {PYTHON} || uv venv --python {PYTHON_VERSION} "{REMOTE_VENV}")',
         shlex.join(
-            ["uv", "pip", "install", "--python", ".venv/bin/python", "--torch-backend", TORCH_BACKEND]
+            ["uv", "pip", "install", "--python", PYTHON, "--torch-backend", TORCH_BACKEND]
             + ["-r", "requirements.txt", f"jax[tpu]=={jax_pin}"]
         ),
     ]
@@ -105,14 +119,12 @@ def run_script(runs: Sequence[Run], name: str, prelude: Sequence[str] = ()) -> s
             body.append(shlex.join(["echo", f"=== run {i + 1}/{len(runs)}: {run.workdir}"]))
         # TPU VMs reached over ssh expose no variable that says "multi-host": tell rrt.train to initialize.
         body.append("export RRT_DISTRIBUTED_INIT=always")
-        body.append(shlex.join(common.train_argv(".venv/bin/python", run.config, run.workdir, run.overrides)))
+        body.append(shlex.join(common.train_argv(PYTHON, run.config, run.workdir, run.overrides)))
     return "; ".join(
         [
             f'mkdir -p "{LOG_DIR}"',
             f'cd "{REMOTE_DIR}" || exit 1',
-            f'if [ -f "{PIDFILE}" ] && {ALIVE}; then '
-            f'echo "$(hostname): a run is still going (pid $(cat "{PIDFILE}")); stop it first with --stop" >&2; '
-            "exit 1; fi",
+            REFUSE_IF_RUNNING,
             *prelude,
             # setsid: the run leads its own process group, so --stop signals all of it; nohup: ssh may disconnect.
             f'nohup setsid bash -c {shlex.quote("; ".join(body))} >> {log} 2>&1 < /dev/null & echo $! > "{PIDFILE}"',
@@ -186,8 +198,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     argv, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(prog="launch/tpu_pod.py", description=__doc__.splitlines()[0])
     add_slice_args(p)
-    p.add_argument("--config", help="config file inside the repository, e.g. configs/recursive_gemma_1b.py")
-    p.add_argument("--workdir", help="run directory, the same shared path on every worker; rerun to resume")
+    p.add_argument("--config", help="a preset name or a config file inside the repository")
+    p.add_argument("--workdir", help="run directory: an absolute path shared by every worker; rerun to resume")
     p.add_argument("--stop", action="store_true", help="SIGTERM the run going on the slice instead of starting one")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print the commands only")
     args = p.parse_args(argv)
@@ -203,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.stop:
             common.run_plan([target.gcloud("ssh", args.tpu, "--command", stop_script())], args.dry_run)
             return 0
+        common.check_pod_workdir(args.workdir, "--workdir")
         run = Run(common.repo_relative_config(args.config, common.REPO), args.workdir, tuple(overrides))
         common.check_overrides(overrides)
         if not args.skip_setup:

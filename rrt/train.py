@@ -269,6 +269,11 @@ def main(argv) -> None:
     workdir = _WORKDIR.value
     if not workdir:
         raise app.UsageError("--workdir is required")
+    if "://" in workdir:  # os.path would make gs://b/r a local directory "gs:/b/r" on each host
+        raise app.UsageError(
+            f"--workdir {workdir!r}: URL workdirs are not supported yet; mount the bucket (gcsfuse) or use a shared "
+            "filesystem path"
+        )
     init_distributed(c)
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding_lib.make_mesh(tuple(c.mesh))

@@ -225,7 +225,12 @@ def test_tpu_pod_bad_input(git_repo, capsys):
     with pytest.raises(SystemExit):
         tpu_pod.main(["--zone", "z", "--config", "configs/x.py", "--workdir", "w", "--dry-run"])
     assert "--tpu" in capsys.readouterr().err
-    base = ["--tpu", "t", "--zone", "z", "--workdir", "w", "--dry-run", "--config"]
+    for workdir in ("w", "~/runs/w", "runs/w"):  # would land in the workers' code directory
+        assert tpu_pod.main(["--tpu", "t", "--zone", "z", "--workdir", workdir, "--config", "configs/x.py"]) == 2
+        assert "--workdir must be an absolute path" in capsys.readouterr().err
+    assert tpu_pod.main(["--tpu", "t", "--zone", "z", "--workdir", "gs://b/r", "--config", "configs/x.py"]) == 2
+    assert "does not write to URLs yet" in capsys.readouterr().err
+    base = ["--tpu", "t", "--zone", "z", "--workdir", "/w", "--dry-run", "--config"]
     assert tpu_pod.main([*base, "configs/none.py"]) == 2
     assert "unknown config file 'configs/none.py'" in capsys.readouterr().err
     (git_repo / "configs" / "new.py").write_text("")
@@ -238,10 +243,44 @@ def test_tpu_pod_bad_input(git_repo, capsys):
         tpu_pod.jax_version(git_repo / "requirements.txt")
 
 
+def test_tpu_setup_refuses_while_a_run_goes_and_replaces_only_the_code(tmp_path, monkeypatch):
+    """The worker's setup script, run by bash with a fake uv: a live run stops it before anything is touched; else
+    only ~/rrt/code is replaced (the venv, the logs and anything else in ~/rrt stay)."""
+    home, src = tmp_path / "home", tmp_path / "src"
+    (src / "requirements.txt").parent.mkdir()
+    (src / "requirements.txt").write_text("numpy\n")
+    tarball = tmp_path / "code.tar.gz"
+    subprocess.run(["tar", "-czf", str(tarball), "-C", str(src), "."], check=True)
+    monkeypatch.setattr(tpu_pod, "REMOTE_TARBALL", str(tarball))
+    write_exe(tmp_path / "bin" / "uv", f'#!/bin/sh\necho "$@" >> {tmp_path}/uv.calls\n')
+    write_exe(home / "rrt" / "venv" / "bin" / "python", FAKE_PYTHON)
+    for keep in ("code/old_file", "runs/w/checkpoint", "notes.txt"):
+        (home / "rrt" / keep).parent.mkdir(parents=True, exist_ok=True)
+        (home / "rrt" / keep).write_text("x")
+    env = {**os.environ, "HOME": str(home), "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    script = tpu_pod.setup_script("0.10.2")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (home / "rrt_logs").mkdir()
+        (home / "rrt_logs" / "train.pid").write_text(str(sleeper.pid))
+        busy = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+        assert busy.returncode == 1 and "a run is still going" in busy.stderr
+        assert (home / "rrt" / "code" / "old_file").exists() and not (tmp_path / "uv.calls").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not (home / "rrt" / "code" / "old_file").exists() and (home / "rrt" / "code" / "requirements.txt").exists()
+    assert (home / "rrt" / "runs" / "w" / "checkpoint").exists() and (home / "rrt" / "notes.txt").exists()
+    assert "pip install --python ../venv/bin/python" in (tmp_path / "uv.calls").read_text()
+
+
 def test_tpu_worker_scripts_run_detached_and_stop(tmp_path):
     """The worker command, run by bash here: detached runs in order, one at a time, logs per host, --stop."""
     home = tmp_path / "home"
-    write_exe(home / "rrt" / ".venv" / "bin" / "python", FAKE_PYTHON)
+    write_exe(home / "rrt" / "venv" / "bin" / "python", FAKE_PYTHON)
+    (home / "rrt" / "code").mkdir()
     runs = [tpu_pod.Run("configs/x.py", str(tmp_path / f"w{i}"), tuple(TRICKY)) for i in range(2)]
     env = {**os.environ, "HOME": str(home)}
     started = subprocess.run(["bash", "-c", tpu_pod.run_script(runs, "s1")], env=env, capture_output=True, text=True)
@@ -250,7 +289,7 @@ def test_tpu_worker_scripts_run_detached_and_stop(tmp_path):
     for run in runs:
         record = json.loads((Path(run.workdir) / "argv.json").read_text())
         assert record == {"argv": ["-m", "rrt.train", "--config", "configs/x.py", "--workdir", run.workdir, *TRICKY],
-                          "cwd": str(home / "rrt")}  # fmt: skip
+                          "cwd": str(home / "rrt" / "code")}  # fmt: skip
     host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
     wait_for(lambda: (home / "rrt_logs" / f"s1.{host}.log").read_text().count("fake training") == 2)
     alive = ["bash", "-c", tpu_pod.ALIVE]
@@ -403,7 +442,8 @@ def test_sweep_on_a_tpu_pod_chains_the_points_in_one_detached_job(git_repo, tmp_
                                        "--worker=all"]  # fmt: skip
     assert not Path(base).exists()
     home = tmp_path / "home"
-    write_exe(home / "rrt" / ".venv" / "bin" / "python", FAKE_PYTHON)
+    write_exe(home / "rrt" / "venv" / "bin" / "python", FAKE_PYTHON)
+    (home / "rrt" / "code").mkdir()
     subprocess.run(["bash", "-c", gcloud[7]], env={**os.environ, "HOME": str(home)}, check=True, capture_output=True)
     wait_for(lambda: Path(base, "lr=0.2,name=a-b", "argv.json").exists())
     points = json.loads(Path(base, "manifest.json").read_text())["points"]
@@ -417,6 +457,9 @@ def test_sweep_on_a_tpu_pod_chains_the_points_in_one_detached_job(git_repo, tmp_
         assert record[-4:] == ["--workdir", p["workdir"], *sweep.override_args(p["overrides"])]
     with pytest.raises(SystemExit):  # the slice flags are required
         sweep.main(argv)
+    rel = [write_sweep(git_repo), "--base_workdir", "runs/s", "--launcher", "tpu_pod", "--dry-run"]
+    assert sweep.main([*rel, "--", "--tpu", "t", "--zone", "z"]) == 2
+    assert "--base_workdir must be an absolute path" in capsys.readouterr().err
 
 
 def test_sweep_on_slurm_writes_a_script_per_point(git_repo, capsys):
