@@ -24,7 +24,7 @@ from ml_collections import config_dict, config_flags
 from rrt import config as config_lib
 from rrt import convert as convert_lib
 from rrt import flops as flops_lib
-from rrt import formats, losses, metrics_log, train_state
+from rrt import formats, losses, metrics_log, train_state, workdir_lock
 from rrt import model as model_lib
 from rrt import optim as optim_lib
 from rrt import sharding as sharding_lib
@@ -276,6 +276,11 @@ def main(argv) -> None:
         )
     init_distributed(c)
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        try:  # held until this process exits, however it exits
+            _lock = workdir_lock.acquire(workdir)
+        except workdir_lock.WorkdirInUse as e:
+            raise SystemExit(f"error: {e}") from None
     mesh = sharding_lib.make_mesh(tuple(c.mesh))
     cfg, base, base_params, rec, conversion, teacher = build_model(c, workdir)
     loss_cfg = LossConfig(
