@@ -180,6 +180,9 @@ def get_config() -> config_dict.ConfigDict:
     c.loss.kd_temperature = 1.0
     c.loss.exit_weight = 0.0  # early-exit loss weight on every intermediate loop (paper: 0.1); last loop: 1.0
     c.loss.log_all_loops = True  # compute every loop's loss for the log even when exit_weight = 0 (+1 head forward)
+    # > 0: every loss over chunks of this many positions under remat, never the full [B, T, V] logits (for large
+    # vocabularies and long rows); 0: the whole row at once
+    c.loss.chunk_tokens = 0
     # --- Devices -------------------------------------------------------------------------------------------------
     c.mesh = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
     c.gather_shared = True  # all-gather the FSDP-sharded shared block once per step, not once per loop

@@ -43,12 +43,15 @@ class LossConfig:
     exit_weight: float = 0.0
     log_all_loops: bool = True  # on logged steps, also compute (not train) intermediate loops' losses (exit_weight 0)
     remat_head: bool = False  # recompute each exit's [B, T, V] logits in the backward instead of keeping them
+    chunk_tokens: int = 0  # > 0: losses over chunks of this many positions, never the full logits (losses.py)
 
     def __post_init__(self):
         if not 0 <= self.kd_weight <= 1:
             raise ValueError(f"loss.kd_weight must be in [0, 1], got {self.kd_weight}")
         if self.kd_temperature <= 0:
             raise ValueError(f"loss.kd_temperature must be positive, got {self.kd_temperature}")
+        if self.chunk_tokens < 0:
+            raise ValueError(f"loss.chunk_tokens must be >= 0 (0: unchunked), got {self.chunk_tokens}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,14 +82,29 @@ def loss_fn(
     if constrain_hiddens is not None:  # keeps the stack's activations batch-sharded (sharding.py, "Activations")
         hiddens_RxBxTxD = constrain_hiddens(hiddens_RxBxTxD)
     mask = mb["loss_mask"]
-    teacher_logits = None
+    teacher_logits = teacher = teacher_h_BxTxD = None
     if loss_cfg.kd_weight > 0:
         teacher = nnx.merge(teacher_graphdef, teacher_params)
-        teacher_logits = jax.lax.stop_gradient(teacher(mb["inputs"], mb["positions"], mb["segment_ids"]))
+        if loss_cfg.chunk_tokens:  # its final hidden state; logits per chunk
+            _, teacher_hiddens = teacher(mb["inputs"], mb["positions"], mb["segment_ids"], return_loop_hiddens=True)
+            teacher_h_BxTxD = jax.lax.stop_gradient(teacher_hiddens[-1])
+        else:
+            teacher_logits = jax.lax.stop_gradient(teacher(mb["inputs"], mb["positions"], mb["segment_ids"]))
     weights = losses.loop_weights(model.cfg.n_loops, loss_cfg.exit_weight)
     total, ce, kl = 0.0, [], []
 
     def loop_loss(h_BxTxD):
+        if loss_cfg.chunk_tokens:
+            return losses.chunked_ce_kl(
+                model.logits,
+                h_BxTxD,
+                mb["targets"],
+                mask,
+                loss_cfg.chunk_tokens,
+                teacher.logits if teacher_h_BxTxD is not None else None,
+                teacher_h_BxTxD,
+                loss_cfg.kd_temperature,
+            )
         logits = model.logits(h_BxTxD)
         c = losses.cross_entropy(logits, mb["targets"], mask)
         k = (
@@ -96,7 +114,7 @@ def loss_fn(
         )
         return c, k
 
-    if loss_cfg.remat_head:
+    if loss_cfg.remat_head and not loss_cfg.chunk_tokens:  # chunks are rematerialised already
         loop_loss = jax.checkpoint(loop_loss, prevent_cse=False)
     for r, w in enumerate(weights):
         if w == 0 and not loss_cfg.log_all_loops:  # skip the head entirely; logged as 0
@@ -284,7 +302,12 @@ def main(argv) -> None:
     mesh = sharding_lib.make_mesh(tuple(c.mesh))
     cfg, base, base_params, rec, conversion, teacher = build_model(c, workdir)
     loss_cfg = LossConfig(
-        c.loss.kd_weight, c.loss.kd_temperature, c.loss.exit_weight, c.loss.log_all_loops, c.remat != "none"
+        c.loss.kd_weight,
+        c.loss.kd_temperature,
+        c.loss.exit_weight,
+        c.loss.log_all_loops,
+        c.remat != "none",
+        c.loss.chunk_tokens,
     )
     opt_cfg = optim_lib.OptimConfig(**{k: v for k, v in c.optim.items()}, total_steps=c.steps)
     if c.data.global_batch_size % c.grad_accum:
@@ -401,14 +424,31 @@ def main(argv) -> None:
 # The loop.
 
 
-class _Preempted:
+class _Preemption:
+    """Whether to save and exit after a step. One process: a SIGTERM flag. Several (jax.distributed): JAX's
+    preemption sync. SIGTERM reaches hosts at different moments; the coordination service spreads the first notice
+    to all hosts and picks one step (the largest any host has reached, plus one) at which every host's
+    `reached_preemption_sync_point` returns True, so all hosts save the same step instead of hanging in a
+    collective. It must be asked once per step, on every host."""
+
     def __init__(self):
+        from jax._src import distributed
+
+        self.multi = jax.process_count() > 1 and distributed.global_state.client is not None
         self.flag = False
-        signal.signal(signal.SIGTERM, self._handle)
+        if not self.multi:  # with jax.distributed, JAX's own SIGTERM notifier is installed; keep it
+            signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         del signum, frame
         self.flag = True
+
+    def reached(self, step: int) -> bool:
+        if self.multi:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.flag
 
 
 def loop(
@@ -433,7 +473,7 @@ def loop(
 
     from rrt.data import pipeline
 
-    preempted = _Preempted()
+    preemption = _Preemption()
     logger = metrics_log.Logger(workdir, step)
     batch_sh = sharding_lib.batch_sharding(mesh)
     bar = tqdm(total=c.steps, initial=step, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
@@ -469,11 +509,17 @@ def loop(
             if c.eval_every and step % c.eval_every == 0 and step < c.steps:
                 logger.write(step, evaluate(c, nnx.merge(graphdef, params), tokenizer))
             data_state = iterator.get_state()
-            final = step == c.steps or preempted.flag
+            preempted = preemption.reached(step)  # once per step, on every host
+            final = step == c.steps or preempted
             train_state.save(mngr, step, params, opt_state, {"step": step, **meta}, data_state, force=final)
-            if preempted.flag:
+            if preempted:
                 mngr.wait_until_finished()
-                _log(f"preempted (SIGTERM): checkpoint saved at step {step}; rerun the same command to resume")
+                # every host says so: which step each saved is what a multi-host preemption must agree on
+                print(
+                    f"preempted (SIGTERM): checkpoint saved at step {step} (process {jax.process_index()}); rerun the "
+                    "same command to resume",
+                    flush=True,
+                )
                 return
         logger.write(step, evaluate(c, nnx.merge(graphdef, params), tokenizer))
     finally:

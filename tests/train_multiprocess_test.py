@@ -63,3 +63,35 @@ def test_two_processes_match_one(tmp_path):
     assert "resumed from step 4" in trainrun.tail(f"{multi}.process0.log", 100_000)
     trainrun.run(single, "--config.mesh=1,1,1", steps=6, module=SIMULATE_2_HOSTS)
     trainrun.assert_same_losses(trainrun.metrics(multi), trainrun.metrics(single))
+
+
+def test_sigterm_to_one_process_makes_both_save_the_same_step(tmp_path):
+    """Preemption reaches hosts at different moments: SIGTERM to process 1 only. JAX's preemption sync makes both
+    processes save the same step and exit 0; rerunning the pair resumes and equals an uninterrupted run."""
+    import re
+
+    steps, args = 12, ("--config.checkpoint_every=100", "--config.optim.schedule=constant")
+    multi = tmp_path / "multi"
+    procs = start_pair(multi, *args, steps=steps)
+
+    def logged() -> int:
+        path = multi / "metrics.jsonl"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    assert trainrun.wait_for(lambda: logged() >= 3 or any(p.poll() is not None for p in procs), 1200)
+    procs[1].send_signal(signal.SIGTERM)
+    finish_pair(procs, multi)
+    saved = []
+    for i in range(2):
+        log = trainrun.tail(f"{multi}.process{i}.log")
+        m = re.search(r"preempted \(SIGTERM\): checkpoint saved at step (\d+)", log)
+        assert m, f"process {i} did not save on preemption:\n{log}"
+        saved.append(int(m.group(1)))
+    assert saved[0] == saved[1] < steps, saved
+    assert trainrun.checkpoint_steps(multi)[-1] == saved[0]
+
+    finish_pair(start_pair(multi, *args, steps=steps), multi)
+    assert f"resumed from step {saved[0]}" in trainrun.tail(f"{multi}.process0.log", 100_000)
+    single = tmp_path / "single"
+    trainrun.run(single, "--config.mesh=1,1,1", *args, steps=steps, module=SIMULATE_2_HOSTS)
+    trainrun.assert_same_losses(trainrun.metrics(multi), trainrun.metrics(single))
