@@ -93,3 +93,12 @@ def test_cli_errors(tmp_path, capsys):
         evaluate.heldout_text(str(empty), 1.0)
     with pytest.raises(FileNotFoundError):
         evaluate.main(["--source", str(tmp_path / "nope"), "--task", "perplexity", "--data", str(empty)])
+
+
+def test_a_task_file_line_that_is_not_json_names_file_and_line(tmp_path):
+    from rrt.eval import tasks
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(ValueError, match=r"t.jsonl:2: not JSON"):
+        tasks._read_jsonl(str(path))
