@@ -91,9 +91,12 @@ def test_scratch_1b_size():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("--config.optim.learning_rate=1", r"--config\.optim\.learning_rate: optim has no field 'learning_rate'; "
-         r"did you mean --config\.optim\.lr\? \(optim's fields: .*\blr\b"),
-        ("--config.optim.warmup_step=3", r"optim has no field 'warmup_step'; did you mean --config\.optim\.warmup_steps"),
+        (
+            "--config.optim.learning_rate=1",
+            r"--config\.optim\.learning_rate: optim has no field 'learning_rate'; "
+            r"did you mean --config\.optim\.lr\? \(optim's fields: .*\blr\b",
+        ),
+        ("--config.optim.warmup_step=3", r"no field 'warmup_step'; did you mean --config\.optim\.warmup_steps"),
         ("--config.stepz=3", r"the config has no field 'stepz'; did you mean --config\.steps\?"),
         ("--config.data.seqlen=3", r"data has no field 'seqlen'; did you mean --config\.data\.seq_len\?"),
     ],
