@@ -9,14 +9,22 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 leaves no step that restores wrongly; the manager ignores (and cleans) unfinished ones. Every host's data-iterator
 state is gathered to the primary host and saved as one JSON list, so a restart restores each host's own position.
 Restoring onto another mesh uses the target shardings of the current run.
+
+A step that fails to restore (a truncated file, a missing item: damage after the save) is reported with its error
+and moved, untouched, to <workdir>/checkpoints_unrestorable/<step>.<time>; the run resumes from the newest step
+that restores (`restore_latest`). A state with a non-finite value is never saved (`save` raises).
 """
 
 import json
 import os
+import shutil
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.experimental import multihost_utils
 
 from rrt import model as model_lib
@@ -45,12 +53,26 @@ def gather_json(state) -> list:
     return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(everything, lengths.reshape(-1))]
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def save(
     mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict, data_state, force: bool = False
 ) -> bool:
-    """Saves if `step` is due (or `force`); returns whether a save started. Async: errors surface at wait/close."""
+    """Saves if `step` is due (or `force`); returns whether a save started. Async: errors surface at wait/close.
+    A parameter or optimizer state holding a NaN or inf raises FloatingPointError instead: no checkpoint is
+    non-finite, so the newest one is always a good one."""
     if not force and not mngr.should_save(step):
         return False
+    if not bool(_all_finite((params, opt_state))):
+        mngr.wait_until_finished()
+        raise FloatingPointError(
+            f"non-finite parameters or optimizer state after step {step}: not saved. The last good checkpoint "
+            f"(step {mngr.latest_step()}) is kept in {mngr.directory}"
+        )
     hosts = gather_json(data_state)
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(params),
@@ -77,6 +99,31 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_op
             f"{jax.process_count()}: the input pipeline cannot resume exactly on another host count"
         )
     return out["params"], out["opt_state"], out["meta"], hosts[jax.process_index()]
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt_state):
+    """`restore` of the newest step that restores, or None when none does (or there is none).
+
+    A step that fails is logged (step and error) and moved aside to <workdir>/checkpoints_unrestorable/ (by the
+    primary host; nothing is deleted), so that the run's next saves of that step number do not collide with it."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return step, *restore(mngr, step, abstract_params, abstract_opt_state)
+        except Exception as e:  # noqa: BLE001 -- any damage; named in the warning, the step kept aside
+            if isinstance(e, ValueError) and "data-iterator states" in str(e):
+                raise  # an intact step of another host count: not damage
+            src = os.path.join(str(mngr.directory), str(step))
+            aside = os.path.join(os.path.dirname(src) + "_unrestorable", f"{step}.{time.strftime('%Y%m%dT%H%M%S')}")
+            msg = f"checkpoint step {step} does not restore ({type(e).__name__}: {e}); moved to {aside}"
+            logging.warning(msg)
+            if jax.process_index() == 0:
+                print(f"WARNING: {msg}; trying the previous step", flush=True)
+                os.makedirs(os.path.dirname(aside), exist_ok=True)
+                shutil.move(src, aside)
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices(f"rrt_unrestorable_{step}")
+            mngr.reload()
+    return None
 
 
 def load_params(workdir: str, cfg: model_lib.ModelConfig, step: int | None = None) -> dict[str, np.ndarray]:
