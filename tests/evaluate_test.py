@@ -91,8 +91,61 @@ def test_cli_errors(tmp_path, capsys):
     empty.write_text("  \n")
     with pytest.raises(ValueError, match="empty"):
         evaluate.heldout_text(str(empty), 1.0)
+    text = tmp_path / "text.txt"
+    text.write_text("some text\n")
     with pytest.raises(FileNotFoundError):
-        evaluate.main(["--source", str(tmp_path / "nope"), "--task", "perplexity", "--data", str(empty)])
+        evaluate.main(["--source", str(tmp_path / "nope"), "--task", "perplexity", "--data", str(text)])
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--seq_len", "0", "--seq_len: must be >= 2, got 0"),
+        ("--seq_len", "1", "--seq_len: must be >= 2, got 1"),
+        ("--batch_size", "0", "--batch_size: must be >= 1, got 0"),
+        ("--limit", "0", "--limit: must be >= 1, got 0"),
+        ("--shots", "-1", "--shots: must be >= 0, got -1"),
+        ("--max_len", "1", "--max_len: must be >= 2, got 1"),
+    ],
+)
+def test_cli_bad_numbers_are_argparse_errors(tmp_path, capsys, flag, value, message):
+    text = tmp_path / "text.txt"
+    text.write_text("some text\n")
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--source", "x", "--task", "perplexity", "--data", str(text), flag, value])
+    assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_an_existing_output_unless_overwrite(tmp_path, capsys):
+    text, out = tmp_path / "text.txt", tmp_path / "results.json"
+    text.write_text("some text\n")
+    out.write_text('{"earlier": 1}')
+    base = ["--source", "x", "--task", "perplexity", "--data", str(text), "--output", str(out)]
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(base)
+    assert f"--output {out} exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_text() == '{"earlier": 1}'
+    assert evaluate.parse_args([*base, "--overwrite"]).overwrite
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--source", "x", "--task", "perplexity", "--data", str(tmp_path / "missing.txt")])
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_every_task_is_checked_before_the_model_is_loaded_or_anything_scored(tmp_path):
+    """A good task before a bad one: the bad one is reported first (the source does not even exist)."""
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps({"query": f"q{i}", "choices": ["a", "b"], "gold": 0}) for i in range(3)))
+    nope = str(tmp_path / "no_model")
+    for tasks, error, message in [
+        (f"mc:{good},hellaswg", ValueError, "unknown task 'hellaswg'"),
+        (f"mc:{good},mc:{tmp_path / 'missing.jsonl'}", FileNotFoundError, "missing.jsonl: no such evaluation file"),
+        (f"mc:{good},hellaswag", ValueError, "task 'hellaswag' needs data_dir"),
+        (f"mc:{good},mc:{good}", ValueError, "two tasks are named 'good'"),
+    ]:
+        with pytest.raises(error, match=message):
+            evaluate.main(["--source", nope, "--tasks", tasks])
+    with pytest.raises(ValueError, match="task 'good': 3-shot needs 3 other documents; it has 3"):
+        evaluate.main(["--source", nope, "--tasks", f"mc:{good}", "--shots", "3"])
 
 
 def test_a_task_file_line_that_is_not_json_names_file_and_line(tmp_path):
