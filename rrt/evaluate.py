@@ -125,6 +125,8 @@ def main(argv=None) -> int:
     model = formats.load_model(args.source, dtype=args.dtype)
     tokenizer = formats.load_tokenizer(args.source)
     formats.check_vocab(tokenizer, model.cfg, args.source)
+    if text is not None:
+        formats.check_positions(args.seq_len, args.source, "--seq_len")
     results = {}
     for task in args.task_list:
         if task == "perplexity":

@@ -295,6 +295,8 @@ def main(argv) -> None:
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding_lib.make_mesh(tuple(c.mesh))
     cfg, base, base_params, rec, conversion, teacher = build_model(c, workdir)
+    if c.source:  # RoPE: past the source's declared context is a warning (formats.check_positions)
+        formats.check_positions(c.data.seq_len, formats.resolve_source(c.source), "data.seq_len")
     loss_cfg = LossConfig(
         c.loss.kd_weight, c.loss.kd_temperature, c.loss.exit_weight, c.loss.log_all_loops, c.remat != "none"
     )

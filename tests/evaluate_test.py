@@ -155,3 +155,58 @@ def test_a_task_file_line_that_is_not_json_names_file_and_line(tmp_path):
     path.write_text('{"a": 1}\n{"a": \n')
     with pytest.raises(ValueError, match=r"t.jsonl:2: not JSON"):
         tasks._read_jsonl(str(path))
+
+
+@pytest.fixture
+def short_context_dir(hf_dir, tmp_path):
+    """hf_dir's model declaring only 16 positions (max_position_embeddings; the weights do not depend on it)."""
+    import shutil
+
+    path = tmp_path / "short"
+    shutil.copytree(hf_dir[0], path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    return path
+
+
+def test_max_positions_of_hf_gguf_and_rrt_dirs(short_context_dir, tmp_path):
+    from rrt import formats
+
+    assert formats.max_positions(str(short_context_dir)) == 16
+    rrt_dir = tmp_path / "converted"
+    rrt_dir.mkdir()
+    meta = {"format": 1, "model": {}, "conversion": {"source": str(short_context_dir)}}
+    (rrt_dir / "rrt_model.json").write_text(json.dumps(meta))
+    assert formats.max_positions(str(rrt_dir)) == 16  # from the model it was converted from
+    assert formats.max_positions(str(tmp_path / "nothing")) is None
+    assert formats.max_positions(gguf.smollm2_gguf_path()) == 8192  # SmolLM2-135M's llama.context_length
+    with pytest.warns(formats.PositionWarning, match=r"--seq_len = 17 positions exceeds the 16 that .*short"):
+        assert formats.check_positions(17, str(short_context_dir), "--seq_len") == 16
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        formats.check_positions(16, str(short_context_dir), "--seq_len")  # at the limit: silent
+
+
+def test_evaluate_and_generate_warn_past_the_declared_context(short_context_dir, tmp_path, capsys):
+    from rrt import formats, generate
+
+    data = tmp_path / "text.txt"
+    data.write_text(open(TEXT, encoding="utf-8").read()[:2000], encoding="utf-8")
+    base = ["--source", str(short_context_dir), "--task", "perplexity", "--data", str(data), "--no_progress"]
+    with pytest.warns(formats.PositionWarning, match=r"--seq_len = 32 positions exceeds the 16"):
+        evaluate.main([*base, "--seq_len", "32"])
+    long_prompt = " ".join(["word"] * 40)
+    with pytest.warns(formats.PositionWarning, match=r"the longest prompt = \d+ positions exceeds the 16"):
+        generate.main(["--source", str(short_context_dir), "--prompt", long_prompt, "--max_new_tokens", "1"])
+    with pytest.warns(formats.PositionWarning, match=r"the longest prompt \+ --max_new_tokens = \d+ positions"):
+        generate.main(["--source", str(short_context_dir), "--prompt", "Once upon", "--max_new_tokens", "20"])
+
+
+def test_generate_refuses_a_prompt_of_no_tokens(short_context_dir):
+    from rrt import formats, generate
+
+    assert not formats.load_tokenizer(str(short_context_dir)).add_bos  # so "" encodes to nothing at all
+    with pytest.raises(ValueError, match="--prompt '' encodes to no tokens"):
+        generate.main(["--source", str(short_context_dir), "--prompt", "", "--max_new_tokens", "1"])
