@@ -10,9 +10,10 @@ leaves no step that restores wrongly; the manager ignores (and cleans) unfinishe
 state is gathered to the primary host and saved as one JSON list, so a restart restores each host's own position.
 Restoring onto another mesh uses the target shardings of the current run.
 
-A step that fails to restore (a truncated file, a missing item: damage after the save) is reported with its error
-and moved, untouched, to <workdir>/checkpoints_unrestorable/<step>.<time>; the run resumes from the newest step
-that restores (`restore_latest`). A state with a non-finite value is never saved (`save` raises).
+A step that fails to restore (a truncated file, a missing item: damage after the save) is reported with its error;
+the run resumes from the newest step that restores, the failed newer ones moved, untouched, to
+<workdir>/checkpoints_unrestorable/<step>.<time> (`restore_latest`; if none restores, it stops, moving nothing).
+A state with a non-finite value is never saved (`save` raises).
 """
 
 import json
@@ -102,27 +103,43 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_op
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt_state):
-    """`restore` of the newest step that restores, or None when none does (or there is none).
+    """`restore` of the newest step that restores, as (step, params, opt_state, meta, data state); None when the
+    manager holds no step.
 
-    A step that fails is logged (step and error) and moved aside to <workdir>/checkpoints_unrestorable/ (by the
-    primary host; nothing is deleted), so that the run's next saves of that step number do not collide with it."""
+    Steps newer than that one which fail are logged (step and error) and then moved aside to
+    <workdir>/checkpoints_unrestorable/<step>.<time> by the primary host (nothing is deleted), so that the run's
+    next saves of those step numbers do not collide with them. When no step restores, nothing is moved and the
+    error names every step's failure (a resume from scratch would drop the run's log)."""
+    failed = []
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
-            return step, *restore(mngr, step, abstract_params, abstract_opt_state)
+            out = restore(mngr, step, abstract_params, abstract_opt_state)
         except Exception as e:  # noqa: BLE001 -- any damage; named in the warning, the step kept aside
             if isinstance(e, ValueError) and "data-iterator states" in str(e):
                 raise  # an intact step of another host count: not damage
-            src = os.path.join(str(mngr.directory), str(step))
-            aside = os.path.join(os.path.dirname(src) + "_unrestorable", f"{step}.{time.strftime('%Y%m%dT%H%M%S')}")
-            msg = f"checkpoint step {step} does not restore ({type(e).__name__}: {e}); moved to {aside}"
+            msg = f"checkpoint step {step} does not restore ({type(e).__name__}: {e})"
             logging.warning(msg)
             if jax.process_index() == 0:
                 print(f"WARNING: {msg}; trying the previous step", flush=True)
+            failed.append((step, msg))
+            continue
+        for bad, _ in failed:
+            src = os.path.join(str(mngr.directory), str(bad))
+            aside = os.path.join(os.path.dirname(src) + "_unrestorable", f"{bad}.{time.strftime('%Y%m%dT%H%M%S')}")
+            if jax.process_index() == 0:
                 os.makedirs(os.path.dirname(aside), exist_ok=True)
                 shutil.move(src, aside)
+                print(f"WARNING: moved the unrestorable checkpoint step {bad} to {aside}", flush=True)
+        if failed:
             if jax.process_count() > 1:
-                multihost_utils.sync_global_devices(f"rrt_unrestorable_{step}")
+                multihost_utils.sync_global_devices("rrt_unrestorable_moved")
             mngr.reload()
+        return step, *out
+    if failed:
+        raise RuntimeError(
+            f"no checkpoint in {mngr.directory} restores; nothing was moved or deleted:\n  "
+            + "\n  ".join(m for _, m in failed)
+        )
     return None
 
 

@@ -223,3 +223,19 @@ def test_damaged_latest_checkpoint_is_named_kept_and_the_run_resumes_from_the_pr
     assert trainrun.checkpoint_steps(workdir) == [1, 2, 3, 4]
     assert sorted(restore_every_step(workdir)) == [1, 2, 3, 4]
     assert sorted(trainrun.metrics(workdir)) == [1, 2, 3, 4]
+
+
+def test_when_no_checkpoint_restores_the_run_stops_moving_nothing(tmp_path):
+    workdir = tmp_path / "none"
+    args = ("--config.checkpoint_every=1", "--config.keep_checkpoints=100", "--config.async_checkpoint=false")
+    trainrun.run(workdir, *args, steps=1)
+    damaged = _damage(os.path.join(workdir, "checkpoints", "1"), "truncated_params")
+    size = os.path.getsize(os.path.join(workdir, "checkpoints", "1", damaged))
+    records = trainrun.metrics(workdir)
+    assert trainrun.run(workdir, *args, steps=2, check=False) != 0
+    log = trainrun.tail(f"{workdir}.log", 100_000)
+    assert "RuntimeError: no checkpoint in" in log and "checkpoint step 1 does not restore (" in log, log[-3000:]
+    assert trainrun.checkpoint_steps(workdir) == [1]  # left where it was, as it was
+    assert os.path.getsize(os.path.join(workdir, "checkpoints", "1", damaged)) == size
+    assert not os.path.exists(os.path.join(workdir, "checkpoints_unrestorable"))
+    assert trainrun.metrics(workdir) == records  # the log is not truncated to a fresh start
