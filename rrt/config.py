@@ -104,9 +104,61 @@ def resolve_config_flag(argv: list[str]) -> list[str]:
     return out
 
 
+def load_config_file(value: str) -> config_dict.ConfigDict:
+    """The ConfigDict of a `--config` value (file[:arg], or a preset name), as config_flags builds it."""
+    path, sep, arg = resolve_config_arg(value).partition(":")
+    spec = importlib.util.spec_from_file_location("rrt_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if sep else module.get_config()
+
+
+def _closest(name: str, fields: list[str]) -> str | None:
+    """The field `name` most likely meant: a close spelling, or one whose initials it spells out (lr: learning_rate)."""
+    close = difflib.get_close_matches(name, fields, n=1)
+    if close:
+        return close[0]
+    initials = lambda s: "".join(w[0] for w in s.split("_") if w)  # noqa: E731
+    return next((f for f in fields if initials(name) == f or initials(f) == name), None)
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Every `--config.a.b=v` of argv names a field of the `--config` it overrides; else ValueError naming the
+    flag, the missing field, the closest real one and the fields there (config_flags would raise a bare
+    AttributeError for a nested typo)."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith("--config="):
+            value = a[len("--config=") :]
+    overrides = [a for a in argv if a.startswith("--config.")]
+    if value is None or not overrides:
+        return
+    c = load_config_file(value)
+    for a in overrides:
+        path = a[len("--config.") :].partition("=")[0]
+        node, walked = c, []
+        for key in path.split("."):
+            if not isinstance(node, (config_dict.ConfigDict, config_dict.FrozenConfigDict)):
+                break  # a field inside a plain value (a list or dict entry): config_flags reports those itself
+            fields = sorted(node.keys())
+            if key not in fields:
+                where = ".".join(walked) or "the config"
+                best = _closest(key, fields)
+                hint = f"; did you mean --config.{'.'.join([*walked, best])}?" if best else ""
+                raise ValueError(
+                    f"{a.partition('=')[0]}: {where} has no field {key!r}{hint} ({where}'s fields: {', '.join(fields)})"
+                )
+            node = node[key]
+            walked.append(key)
+
+
 def install_config_flag_resolution() -> None:
-    """Rewrites sys.argv in place (entry points call it before absl.app.run parses the flags)."""
+    """Rewrites sys.argv in place (entry points call it before absl.app.run parses the flags), and checks that
+    every `--config.x.y=` override names a real field (`check_overrides`)."""
     sys.argv[:] = resolve_config_flag(sys.argv)
+    check_overrides(sys.argv)
 
 
 def get_config() -> config_dict.ConfigDict:

@@ -207,9 +207,12 @@ def _parse_rank(value: str) -> int | str:
     if value == "full":
         return "full"
     try:
-        return int(value)
+        r = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"rank must be an integer or 'full', got {value!r}") from None
+    if r < 0:
+        raise argparse.ArgumentTypeError(f"rank must be >= 0 (0: strict recursion) or 'full', got {r}")
+    return r
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -233,6 +236,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.loops is None and not args.expand:
         p.error("--loops is required")
+    if args.loops is not None and args.loops < 1:
+        p.error(f"--loops must be >= 1, got {args.loops}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is an existing file, not a directory: give a new (or empty) directory")
     return args
 
 
@@ -242,7 +249,9 @@ def recursion_from_args(base: model_lib.ModelConfig, args: argparse.Namespace) -
     rank_mlp_arg = args.rank if args.rank_mlp is None else args.rank_mlp
     rank_mlp = full_mlp if rank_mlp_arg == "full" else rank_mlp_arg
     for name, r, limit in (("--rank", rank_attn, full_attn), ("--rank_mlp", rank_mlp, full_mlp)):
-        if r < 0 or r > limit:
+        if r < 0:
+            raise ValueError(f"{name}={r} is negative; a rank is >= 0 (0: strict recursion) or 'full'")
+        if r > limit:
             raise ValueError(f"{name}={r} is above min(d_in, d_out) = {limit} of every projection it applies to")
     ppn = {"auto": None, "true": True, "false": False}[args.per_position_norms]
     return Recursion(

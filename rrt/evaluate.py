@@ -17,6 +17,21 @@ from rrt import formats
 from rrt.eval import perplexity as perplexity_lib
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= `low`."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
+        return n
+
+    return parse
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rrt.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--source", required=True, help="HF dir, .gguf file, rrt model dir or training workdir")
@@ -31,20 +46,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1.0,
         help="score only the last fraction of --data (e.g. 0.1 for a training corpus's held-out tail)",
     )
-    p.add_argument("--seq_len", type=int, default=512)
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seq_len", type=_at_least(2), default=512, help="perplexity window (>= 2 tokens)")
+    p.add_argument("--batch_size", type=_at_least(1), default=8)
     p.add_argument("--data_dir", default=None, help="directory holding eval/ (the few-shot sets)")
-    p.add_argument("--shots", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    p.add_argument("--shots", type=_at_least(0), default=0)
+    p.add_argument("--limit", type=_at_least(1), default=None, help="score only the first N items of each task")
     p.add_argument("--seed", type=int, default=1234, help="seed for drawing few-shot examples")
     p.add_argument(
         "--max_len",
-        type=int,
+        type=_at_least(2),
         default=2048,
         help="few-shot: longest scored sequence (longer requests lose context on the left, as lm-eval)",
     )
     p.add_argument("--dtype", default=None, help="cast parameters (float32, bfloat16)")
-    p.add_argument("--output", default=None, help="results JSON path")
+    p.add_argument("--output", default=None, help="results JSON path (an existing one needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
     if args.task and args.tasks:
@@ -56,6 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--task perplexity needs --data <text file>")
     if not 0 < args.heldout_fraction <= 1:
         p.error("--heldout_fraction must be in (0, 1]")
+    if args.output and os.path.isdir(args.output):
+        p.error(f"--output {args.output} is a directory; give a results file path")
+    if args.output and os.path.exists(args.output) and not args.overwrite:
+        p.error(f"--output {args.output} exists; pass --overwrite to replace it (or choose another path)")
+    if "perplexity" in args.task_list and not os.path.isfile(args.data):
+        p.error(f"--data {args.data}: no such file")
     return args
 
 
@@ -95,21 +117,25 @@ def markdown_table(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from rrt.eval import fewshot
+
+    # Every input is read and checked before anything is scored (or the model loaded): tasks, files, shots.
+    text = heldout_text(args.data, args.heldout_fraction) if "perplexity" in args.task_list else None
+    fewshot_tasks = fewshot.load_tasks([t for t in args.task_list if t != "perplexity"], args.data_dir, args.shots)
     model = formats.load_model(args.source, dtype=args.dtype)
     tokenizer = formats.load_tokenizer(args.source)
     formats.check_vocab(tokenizer, model.cfg, args.source)
+    if text is not None:
+        formats.check_positions(args.seq_len, args.source, "--seq_len")
     results = {}
     for task in args.task_list:
         if task == "perplexity":
-            ids = tokenizer.encode(heldout_text(args.data, args.heldout_fraction))
+            ids = tokenizer.encode(text)
             res = perplexity_lib.perplexity(model, ids, args.seq_len, args.batch_size, not args.no_progress)
             res["data"] = os.path.abspath(args.data)
             res["seq_len"] = args.seq_len
             results["perplexity"] = res
-    fewshot_tasks = [t for t in args.task_list if t != "perplexity"]
     if fewshot_tasks:
-        from rrt.eval import fewshot
-
         results.update(
             fewshot.evaluate_tasks(
                 model,

@@ -63,6 +63,15 @@ def main(argv=None) -> int:
     cfg = model.cfg
     bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
     prompts = [bos + tok.encode(text) for text in args.prompt]
+    for text, ids in zip(args.prompt, prompts):
+        if not ids:
+            raise ValueError(
+                f"--prompt {text!r} encodes to no tokens (and the tokenizer adds no BOS): nothing to continue"
+            )
+    longest = max(len(p) for p in prompts)
+    limit = formats.check_positions(longest, args.source, "the longest prompt")
+    if limit is not None and longest <= limit:
+        formats.check_positions(longest + args.max_new_tokens, args.source, "the longest prompt + --max_new_tokens")
     sampling = decode.Sampling(args.temperature, args.top_k, args.top_p)
     rule = None
     if args.exit_rule:

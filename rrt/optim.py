@@ -6,6 +6,7 @@ state. No weight decay on norms and biases (any name containing "norm" or ending
 """
 
 import dataclasses
+import math
 
 import jax
 import optax
@@ -31,6 +32,24 @@ class OptimConfig:
     freeze_embeddings: bool = False
 
     def __post_init__(self):
+        def need(name: str, ok, what: str):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise ValueError(f"optim.{name} must be {what}, got {v!r}")
+
+        need("lr", lambda v: v > 0, "a finite number > 0")
+        if self.lora_lr is not None:
+            need("lora_lr", lambda v: v > 0, "a finite number > 0 (or unset: lr)")
+        need("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
+        need("b1", lambda v: 0 <= v < 1, "in [0, 1)")
+        need("b2", lambda v: 0 <= v < 1, "in [0, 1)")
+        need("eps", lambda v: v > 0, "a finite number > 0")
+        need("weight_decay", lambda v: v >= 0, "a finite number >= 0")
+        need("clip_norm", lambda v: v >= 0, "a finite number >= 0 (0: off)")
+        need("decay_fraction", lambda v: True, "a finite number")
+        for name in ("warmup_steps", "total_steps"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(f"optim.{name} must be an integer, got {getattr(self, name)!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"OptimConfig: unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
         if self.total_steps <= 0 or self.warmup_steps < 0 or self.warmup_steps > self.total_steps:

@@ -275,6 +275,28 @@ def build_model(c, workdir: str):
     return cfg, base, base_params, rec, conversion, teacher
 
 
+def record_config(workdir: str, config_json: str) -> str | None:
+    """Writes the run's config to <workdir>/train_config.json, on every start that gets as far as training (so it
+    names what the run writing the checkpoints uses). A different earlier one is kept as
+    train_config.<its mtime>.json (returned), never overwritten."""
+    path = os.path.join(workdir, TRAIN_CONFIG)
+    kept = None
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == config_json:
+                return None
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(os.path.getmtime(path)))
+        kept, n = os.path.join(workdir, f"train_config.{stamp}.json"), 1
+        while os.path.exists(kept):
+            kept, n = os.path.join(workdir, f"train_config.{stamp}.{n}.json"), n + 1
+        os.replace(path, kept)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(config_json)
+    os.replace(tmp, path)
+    return kept
+
+
 def _log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
@@ -301,6 +323,8 @@ def main(argv) -> None:
             raise SystemExit(f"error: {e}") from None
     mesh = sharding_lib.make_mesh(tuple(c.mesh))
     cfg, base, base_params, rec, conversion, teacher = build_model(c, workdir)
+    if c.source:  # RoPE: past the source's declared context is a warning (formats.check_positions)
+        formats.check_positions(c.data.seq_len, formats.resolve_source(c.source), "data.seq_len")
     loss_cfg = LossConfig(
         c.loss.kd_weight,
         c.loss.kd_temperature,
@@ -333,8 +357,6 @@ def main(argv) -> None:
         tokenizer.save(os.path.join(workdir, "tokenizer"))
         with open(os.path.join(workdir, rrt_dir.META), "w") as f:
             json.dump({"format": 1, "model": cfg.to_dict(), "conversion": conversion}, f, indent=2)
-        with open(os.path.join(workdir, TRAIN_CONFIG), "w") as f:
-            f.write(c.to_json(indent=2))
 
     # Optimizer-state shardings follow the parameters' (sharding.opt_state_shardings says why they are explicit).
     with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)  # noqa: E731
@@ -342,10 +364,11 @@ def main(argv) -> None:
     opt_sh = sharding_lib.opt_state_shardings(opt, abstract_opt, param_sh, mesh)
     init_fn = jax.jit(opt.init, out_shardings=opt_sh)
 
-    if latest is not None:
-        params, opt_state, meta, data_state = train_state.restore(
-            mngr, latest, with_sh(abstract_params, param_sh), with_sh(abstract_opt, opt_sh)
-        )
+    restored = None
+    if latest is not None:  # the newest step that restores; damaged ones are named and moved aside
+        restored = train_state.restore_latest(mngr, with_sh(abstract_params, param_sh), with_sh(abstract_opt, opt_sh))
+    if restored is not None:
+        _, params, opt_state, meta, data_state = restored
         step = int(meta["step"])
         _log(f"resumed from step {step} of {workdir}")
     else:
@@ -376,6 +399,8 @@ def main(argv) -> None:
     iterator = pipeline.make_iterator(dcfg, tokenizer)
     if data_state is not None:
         iterator.set_state(data_state)
+    if jax.process_index() == 0:
+        record_config(workdir, c.to_json(indent=2))
 
     constrain = sharding_lib.shared_gather_constraint(mesh) if c.gather_shared else None
     step_fn = jax.jit(

@@ -86,3 +86,25 @@ def test_scratch_1b_size():
     _, _, cfg = build("scratch_recursive_1b")
     assert cfg.n_loops == 2 and cfg.n_shared == 12
     assert 0.5e9 < model_lib.count_params(cfg)["total"] < 0.8e9  # unique parameters of a ~1B-compute model
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "--config.optim.learning_rate=1",
+            r"--config\.optim\.learning_rate: optim has no field 'learning_rate'; "
+            r"did you mean --config\.optim\.lr\? \(optim's fields: .*\blr\b",
+        ),
+        ("--config.optim.warmup_step=3", r"no field 'warmup_step'; did you mean --config\.optim\.warmup_steps"),
+        ("--config.stepz=3", r"the config has no field 'stepz'; did you mean --config\.steps\?"),
+        ("--config.data.seqlen=3", r"data has no field 'seqlen'; did you mean --config\.data\.seq_len\?"),
+    ],
+)
+def test_a_misspelled_override_names_the_field_and_the_closest_real_one(override, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.check_overrides(["prog", "--config", "tiny", "--workdir", "w", override])
+
+
+def test_real_overrides_pass_the_check():
+    config_lib.check_overrides(["prog", "--config=tiny", "--config.optim.lr=1e-3", "--config.data.seq_len=32"])

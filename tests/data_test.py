@@ -294,6 +294,9 @@ def test_errors(tok, numbered, tmp_path, tfds_dir):
     (tmp_path / "x.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
     with pytest.raises(ValueError, match=r"x.jsonl:2: no text field 'text' \(has \['body'\]\)"):
         make(files(str(tmp_path / "x.jsonl")))
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n\n{"text": "cut off\n{"text": "fine"}\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl:3: not valid JSON \(.*\): '\{\"text\": \"cut off'"):
+        make(files(str(tmp_path / "broken.jsonl")))
     with pytest.raises(ValueError, match="has no feature 'body'; it has \\['text'\\]"):
         make(documents.SourceConfig("tfds", name="tinystories_val", data_dir=tfds_dir, text_field="body"))
     with pytest.raises(ValueError, match="smaller than one batch"):

@@ -91,5 +91,122 @@ def test_cli_errors(tmp_path, capsys):
     empty.write_text("  \n")
     with pytest.raises(ValueError, match="empty"):
         evaluate.heldout_text(str(empty), 1.0)
+    text = tmp_path / "text.txt"
+    text.write_text("some text\n")
     with pytest.raises(FileNotFoundError):
-        evaluate.main(["--source", str(tmp_path / "nope"), "--task", "perplexity", "--data", str(empty)])
+        evaluate.main(["--source", str(tmp_path / "nope"), "--task", "perplexity", "--data", str(text)])
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--seq_len", "0", "--seq_len: must be >= 2, got 0"),
+        ("--seq_len", "1", "--seq_len: must be >= 2, got 1"),
+        ("--batch_size", "0", "--batch_size: must be >= 1, got 0"),
+        ("--limit", "0", "--limit: must be >= 1, got 0"),
+        ("--shots", "-1", "--shots: must be >= 0, got -1"),
+        ("--max_len", "1", "--max_len: must be >= 2, got 1"),
+    ],
+)
+def test_cli_bad_numbers_are_argparse_errors(tmp_path, capsys, flag, value, message):
+    text = tmp_path / "text.txt"
+    text.write_text("some text\n")
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--source", "x", "--task", "perplexity", "--data", str(text), flag, value])
+    assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_an_existing_output_unless_overwrite(tmp_path, capsys):
+    text, out = tmp_path / "text.txt", tmp_path / "results.json"
+    text.write_text("some text\n")
+    out.write_text('{"earlier": 1}')
+    base = ["--source", "x", "--task", "perplexity", "--data", str(text), "--output", str(out)]
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(base)
+    assert f"--output {out} exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_text() == '{"earlier": 1}'
+    assert evaluate.parse_args([*base, "--overwrite"]).overwrite
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--source", "x", "--task", "perplexity", "--data", str(tmp_path / "missing.txt")])
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_every_task_is_checked_before_the_model_is_loaded_or_anything_scored(tmp_path):
+    """A good task before a bad one: the bad one is reported first (the source does not even exist)."""
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps({"query": f"q{i}", "choices": ["a", "b"], "gold": 0}) for i in range(3)))
+    nope = str(tmp_path / "no_model")
+    for tasks, error, message in [
+        (f"mc:{good},hellaswg", ValueError, "unknown task 'hellaswg'"),
+        (f"mc:{good},mc:{tmp_path / 'missing.jsonl'}", FileNotFoundError, "missing.jsonl: no such evaluation file"),
+        (f"mc:{good},hellaswag", ValueError, "task 'hellaswag' needs data_dir"),
+        (f"mc:{good},mc:{good}", ValueError, "two tasks are named 'good'"),
+    ]:
+        with pytest.raises(error, match=message):
+            evaluate.main(["--source", nope, "--tasks", tasks])
+    with pytest.raises(ValueError, match="task 'good': 3-shot needs 3 other documents; it has 3"):
+        evaluate.main(["--source", nope, "--tasks", f"mc:{good}", "--shots", "3"])
+
+
+def test_a_task_file_line_that_is_not_json_names_file_and_line(tmp_path):
+    from rrt.eval import tasks
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(ValueError, match=r"t.jsonl:2: not JSON"):
+        tasks._read_jsonl(str(path))
+
+
+@pytest.fixture
+def short_context_dir(hf_dir, tmp_path):
+    """hf_dir's model declaring only 16 positions (max_position_embeddings; the weights do not depend on it)."""
+    import shutil
+
+    path = tmp_path / "short"
+    shutil.copytree(hf_dir[0], path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    return path
+
+
+def test_max_positions_of_hf_gguf_and_rrt_dirs(short_context_dir, tmp_path):
+    from rrt import formats
+
+    assert formats.max_positions(str(short_context_dir)) == 16
+    rrt_dir = tmp_path / "converted"
+    rrt_dir.mkdir()
+    meta = {"format": 1, "model": {}, "conversion": {"source": str(short_context_dir)}}
+    (rrt_dir / "rrt_model.json").write_text(json.dumps(meta))
+    assert formats.max_positions(str(rrt_dir)) == 16  # from the model it was converted from
+    assert formats.max_positions(str(tmp_path / "nothing")) is None
+    assert formats.max_positions(gguf.smollm2_gguf_path()) == 8192  # SmolLM2-135M's llama.context_length
+    with pytest.warns(formats.PositionWarning, match=r"--seq_len = 17 positions exceeds the 16 that .*short"):
+        assert formats.check_positions(17, str(short_context_dir), "--seq_len") == 16
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        formats.check_positions(16, str(short_context_dir), "--seq_len")  # at the limit: silent
+
+
+def test_evaluate_and_generate_warn_past_the_declared_context(short_context_dir, tmp_path, capsys):
+    from rrt import formats, generate
+
+    data = tmp_path / "text.txt"
+    data.write_text(open(TEXT, encoding="utf-8").read()[:2000], encoding="utf-8")
+    base = ["--source", str(short_context_dir), "--task", "perplexity", "--data", str(data), "--no_progress"]
+    with pytest.warns(formats.PositionWarning, match=r"--seq_len = 32 positions exceeds the 16"):
+        evaluate.main([*base, "--seq_len", "32"])
+    long_prompt = " ".join(["word"] * 40)
+    with pytest.warns(formats.PositionWarning, match=r"the longest prompt = \d+ positions exceeds the 16"):
+        generate.main(["--source", str(short_context_dir), "--prompt", long_prompt, "--max_new_tokens", "1"])
+    with pytest.warns(formats.PositionWarning, match=r"the longest prompt \+ --max_new_tokens = \d+ positions"):
+        generate.main(["--source", str(short_context_dir), "--prompt", "Once upon", "--max_new_tokens", "20"])
+
+
+def test_generate_refuses_a_prompt_of_no_tokens(short_context_dir):
+    from rrt import formats, generate
+
+    assert not formats.load_tokenizer(str(short_context_dir)).add_bos  # so "" encodes to nothing at all
+    with pytest.raises(ValueError, match="--prompt '' encodes to no tokens"):
+        generate.main(["--source", str(short_context_dir), "--prompt", "", "--max_new_tokens", "1"])

@@ -127,6 +127,19 @@ def test_config_errors():
         hf.config_from_hf({**TINYLLAMA_1B, "hidden_act": "relu"})
 
 
+@pytest.mark.parametrize("field", ["hidden_size", "vocab_size", "num_hidden_layers", "intermediate_size"])
+def test_a_config_json_missing_a_required_field_names_file_and_field(tmp_path, field):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in TINYLLAMA_1B.items() if k != field}))
+    want = rf"{tmp_path}/config.json: required field '{field}' is missing \(a 'llama' config\)"
+    with pytest.raises(ValueError, match=want):
+        hf.load(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ValueError, match=rf"{tmp_path}/config.json: not valid JSON"):
+        hf.load(str(tmp_path))
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_transformers_agrees_on_counts(name):
     """The same config.json built by transformers on the meta device (no memory) has the same count."""

@@ -166,3 +166,43 @@ def test_grad_accum_matches_one_big_batch():
     for (path, a), b, p0 in zip(jax.tree_util.tree_leaves_with_path(p1), jax.tree.leaves(p2), jax.tree.leaves(params)):
         assert rel(b - p0, a - p0) < 1e-3, (jax.tree_util.keystr(path), rel(b - p0, a - p0))
     assert float(m1["tokens"]) == batch()["loss_mask"].sum()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lr", math.nan),
+        ("lr", math.inf),
+        ("lr", 0.0),
+        ("lr", -1e-3),
+        ("lora_lr", math.nan),
+        ("lora_lr", 0.0),
+        ("b1", 1.0),
+        ("b2", math.nan),
+        ("eps", 0.0),
+        ("weight_decay", -0.1),
+        ("weight_decay", math.nan),
+        ("clip_norm", math.inf),
+        ("min_lr_ratio", 1.5),
+        ("decay_fraction", math.nan),
+        ("warmup_steps", 2.5),
+    ],
+)
+def test_bad_optimizer_fields_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"optim\.{field} must be .*got {value!r}"):
+        optim.OptimConfig(**{field: value})
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    from rrt import train_state
+
+    mngr = train_state.manager(str(tmp_path), 1, None, async_save=False)
+    good = {"w": jnp.ones((3,))}
+    assert train_state.save(mngr, 1, good, {"m": jnp.zeros((3,))}, {"step": 1}, {"pos": 1}, force=True)
+    bad = {"w": jnp.array([1.0, jnp.nan, 2.0])}
+    with pytest.raises(FloatingPointError, match=r"after step 2: not saved\. The last good checkpoint \(step 1\)"):
+        train_state.save(mngr, 2, bad, {"m": jnp.zeros((3,))}, {"step": 2}, {"pos": 2}, force=True)
+    with pytest.raises(FloatingPointError, match="step 2"):  # the optimizer state is checked too
+        train_state.save(mngr, 2, good, {"m": jnp.full((3,), jnp.inf)}, {"step": 2}, {"pos": 2}, force=True)
+    assert list(mngr.all_steps()) == [1]
+    mngr.close()

@@ -263,3 +263,24 @@ def test_cli_writes_loads_and_refuses_to_overwrite(tmp_path, capsys):
         convert.main(["--source", str(src), "--out", str(tmp_path / "busy"), "--loops", "2"])
     with pytest.raises(ValueError, match="above min"):
         convert.main(["--source", str(src), "--out", str(tmp_path / "r2"), "--loops", "2", "--rank", "4096"])
+
+
+def test_convert_cli_bad_out_and_negative_rank_say_what_is_wrong(tmp_path, capsys):
+    a_file = tmp_path / "model.bin"
+    a_file.write_bytes(b"data")
+    with pytest.raises(SystemExit):
+        convert.parse_args(["--source", "x", "--out", str(a_file), "--loops", "2"])
+    assert f"--out {a_file} is an existing file, not a directory" in capsys.readouterr().err
+    assert a_file.read_bytes() == b"data"
+    for flag in ("--rank", "--rank_mlp"):
+        with pytest.raises(SystemExit):
+            convert.parse_args(["--source", "x", "--out", str(tmp_path / "o"), "--loops", "2", flag, "-3"])
+        assert "rank must be >= 0 (0: strict recursion) or 'full', got -3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        convert.parse_args(["--source", "x", "--out", str(tmp_path / "o"), "--loops", "0"])
+    assert "--loops must be >= 1, got 0" in capsys.readouterr().err
+    base = model_lib.ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
+    args = convert.parse_args(["--source", "x", "--out", str(tmp_path / "o"), "--loops", "2"])
+    args.rank = -1  # e.g. from a caller building the namespace itself
+    with pytest.raises(ValueError, match="--rank=-1 is negative"):
+        convert.recursion_from_args(base, args)

@@ -182,3 +182,60 @@ def test_checkpoint_from_8_devices_resumes_on_1_device_and_on_2x2(tmp_path):
         assert "resumed from step 3 of" in trainrun.tail(f"{workdir}.log", 100_000)
         trainrun.assert_same_losses(trainrun.metrics(workdir), trainrun.metrics(reference))
         assert trainrun.saved_specs(workdir, 6)["layers.q"] == spec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Damage after the save: the newest step does not restore.
+
+
+def _damage(step_dir: str, how: str) -> str:
+    """Truncates the largest file under the step's params/ to half, or removes its opt_state item; returns what."""
+    if how == "missing_item":
+        shutil.rmtree(os.path.join(step_dir, "opt_state"))
+        return "opt_state"
+    files = [os.path.join(d, n) for d, _, ns in os.walk(os.path.join(step_dir, "params")) for n in ns]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)
+    return os.path.relpath(biggest, step_dir)
+
+
+@pytest.mark.parametrize("how", ["truncated_params", "missing_item"])
+def test_damaged_latest_checkpoint_is_named_kept_and_the_run_resumes_from_the_previous(tmp_path, how):
+    workdir = tmp_path / how
+    args = ("--config.checkpoint_every=1", "--config.keep_checkpoints=100", "--config.async_checkpoint=false")
+    trainrun.run(workdir, *args, steps=3)
+    assert trainrun.checkpoint_steps(workdir) == [1, 2, 3]
+    damaged = _damage(os.path.join(workdir, "checkpoints", "3"), how)
+
+    trainrun.run(workdir, *args, steps=4)
+    log = trainrun.tail(f"{workdir}.log", 100_000)
+    assert "WARNING: checkpoint step 3 does not restore (" in log, log[-3000:]
+    assert "resumed from step 2 of" in log, log[-3000:]
+    aside = os.path.join(workdir, "checkpoints_unrestorable")
+    (kept,) = os.listdir(aside)  # the damaged step, moved as it was
+    assert kept.startswith("3.")
+    if how == "missing_item":
+        assert not os.path.exists(os.path.join(aside, kept, damaged))
+        assert os.path.isdir(os.path.join(aside, kept, "params"))
+    else:
+        assert os.path.isfile(os.path.join(aside, kept, damaged))
+    assert trainrun.checkpoint_steps(workdir) == [1, 2, 3, 4]
+    assert sorted(restore_every_step(workdir)) == [1, 2, 3, 4]
+    assert sorted(trainrun.metrics(workdir)) == [1, 2, 3, 4]
+
+
+def test_when_no_checkpoint_restores_the_run_stops_moving_nothing(tmp_path):
+    workdir = tmp_path / "none"
+    args = ("--config.checkpoint_every=1", "--config.keep_checkpoints=100", "--config.async_checkpoint=false")
+    trainrun.run(workdir, *args, steps=1)
+    damaged = _damage(os.path.join(workdir, "checkpoints", "1"), "truncated_params")
+    size = os.path.getsize(os.path.join(workdir, "checkpoints", "1", damaged))
+    records = trainrun.metrics(workdir)
+    assert trainrun.run(workdir, *args, steps=2, check=False) != 0
+    log = trainrun.tail(f"{workdir}.log", 100_000)
+    assert "RuntimeError: no checkpoint in" in log and "checkpoint step 1 does not restore (" in log, log[-3000:]
+    assert trainrun.checkpoint_steps(workdir) == [1]  # left where it was, as it was
+    assert os.path.getsize(os.path.join(workdir, "checkpoints", "1", damaged)) == size
+    assert not os.path.exists(os.path.join(workdir, "checkpoints_unrestorable"))
+    assert trainrun.metrics(workdir) == records  # the log is not truncated to a fresh start

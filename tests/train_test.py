@@ -109,3 +109,26 @@ def test_eight_devices_train_like_one(tmp_path_factory, mesh):
     want = {"8,1,1": [None, None, None], "1,8,1": [None, "fsdp", None], "2,2,2": [None, "fsdp", "tensor"]}[mesh]
     assert params["layers.q"] == want
     assert {tuple(v) for k, v in opt.items() if k.endswith("layers.q")} == {tuple(want)}
+
+
+def test_record_config_rewrites_on_each_start_and_keeps_a_different_earlier_one(tmp_path):
+    from rrt import train
+
+    workdir = str(tmp_path)
+    path = os.path.join(workdir, train.TRAIN_CONFIG)
+    assert train.record_config(workdir, '{"attempt": 1}') is None
+    assert train.record_config(workdir, '{"attempt": 1}') is None  # the same config: nothing to keep
+    assert sorted(os.listdir(workdir)) == [train.TRAIN_CONFIG]
+    kept = train.record_config(workdir, '{"attempt": 2}')  # the rerun that proceeds with other data
+    with open(path) as f:
+        assert f.read() == '{"attempt": 2}'
+    with open(kept) as f:
+        assert f.read() == '{"attempt": 1}'
+    assert os.path.basename(kept).startswith("train_config.") and kept != path
+    kept3 = train.record_config(workdir, '{"attempt": 3}')  # same second: a distinct name, nothing overwritten
+    assert kept3 != kept
+    contents = set()
+    for n in os.listdir(workdir):
+        with open(os.path.join(workdir, n)) as f:
+            contents.add(f.read())
+    assert contents == {'{"attempt": 1}', '{"attempt": 2}', '{"attempt": 3}'}

@@ -65,7 +65,10 @@ def _read_file(path: str, doc_separator: str, text_field: str) -> list[str]:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e}): {line.strip()[:120]!r}") from e
                 if not isinstance(record, dict) or text_field not in record:
                     fields = sorted(record) if isinstance(record, dict) else type(record).__name__
                     raise ValueError(f"{path}:{line_no}: no text field {text_field!r} (has {fields})")

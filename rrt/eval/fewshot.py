@@ -217,13 +217,28 @@ def evaluate_tasks(
     max_len: int = DEFAULT_MAX_LEN,
     scorer=None,
 ) -> dict[str, dict]:
-    """{task name: metrics} for task names (see rrt.eval.tasks.load); `scorer` reuses a `scoring.make_scorer(model)`."""
+    """{task name: metrics} for task names (see rrt.eval.tasks.load) or loaded tasks; `scorer` reuses a
+    `scoring.make_scorer(model)`. Every task is loaded and checked (`load_tasks`) before the first is scored."""
+    loaded = load_tasks(tasks, data_dir, shots)
     scorer = scorer or scoring.make_scorer(model)
     results = {}
-    for spec in tasks:
-        task = tasks_lib.load(spec, data_dir)
-        if task.name in results:
-            raise ValueError(f"two tasks are named {task.name!r} (generic tasks are named after their file's stem)")
+    for task in loaded:
         results[task.name], _, _ = run_task(scorer, tokenizer, task, shots, limit, seed, batch_size, max_len, progress)
     return results
 
+
+def load_tasks(tasks: list, data_dir: str | None = None, shots: int = 0) -> list[tasks_lib.Task]:
+    """Task specs (or already loaded tasks) -> loaded tasks; errors for an unknown name, a missing or bad file, two
+    tasks of one name, or more shots than a task has other documents, all before any scoring."""
+    if shots < 0:
+        raise ValueError(f"shots must be >= 0, got {shots}")
+    loaded, names = [], set()
+    for spec in tasks:
+        task = spec if isinstance(spec, tasks_lib.Task) else tasks_lib.load(spec, data_dir)
+        if task.name in names:
+            raise ValueError(f"two tasks are named {task.name!r} (generic tasks are named after their file's stem)")
+        if shots > len(task.docs) - 1:
+            raise ValueError(f"task {task.name!r}: {shots}-shot needs {shots} other documents; it has {len(task.docs)}")
+        names.add(task.name)
+        loaded.append(task)
+    return loaded

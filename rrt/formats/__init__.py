@@ -4,7 +4,9 @@ Params carry the flat names of `rrt.model` and are validated against `rrt.model.
 `rrt.model.from_params(cfg, params)` builds the Decoder. Readers: `hf`, `gguf`, `tokenizer`, `rrt_dir`."""
 
 import dataclasses
+import json
 import os
+import warnings
 
 import numpy as np
 
@@ -71,3 +73,45 @@ def check_vocab(tokenizer, cfg: model.ModelConfig, source: str = "") -> None:
             f"tokenizer of {source or 'the source'} has {tokenizer.vocab_size} tokens but the model's embedding has "
             f"{cfg.vocab_size} rows"
         )
+
+
+class PositionWarning(UserWarning):
+    """A sequence longer than the positions the source model was trained on."""
+
+
+def max_positions(source: str, _depth: int = 0) -> int | None:
+    """The context length `source` declares: an HF config.json's max_position_embeddings, a GGUF's
+    llama.context_length; for an rrt model dir or training workdir, that of the model it was converted or expanded
+    from. None when nothing declares one (a scratch model, a missing source)."""
+    source = resolve_source(source)
+    if _depth > 8 or not source:
+        return None
+    if os.path.isfile(source) and source.endswith(".gguf"):
+        n = gguf.field(gguf.reader(source), "llama.context_length")
+        return int(n) if n else None
+    if os.path.isfile(os.path.join(source, "rrt_model.json")):
+        from rrt.formats import rrt_dir
+
+        meta = rrt_dir.read_meta(source)
+        parent = (meta.get("conversion") or {}).get("source") or meta.get("expanded_from")
+        return max_positions(parent, _depth + 1) if parent else None
+    if os.path.isfile(os.path.join(source, hf.CONFIG)):
+        with open(os.path.join(source, hf.CONFIG)) as f:
+            n = json.load(f).get("max_position_embeddings")
+        return int(n) if n else None
+    return None
+
+
+def check_positions(n_tokens: int, source: str, what: str) -> int | None:
+    """Warns (PositionWarning) when `what` (e.g. "--seq_len") spans more positions than `source` declares. Every
+    family here uses RoPE, which has no hard limit and extrapolates (usually badly) past its training length, so
+    this is a warning, not an error. Returns the declared limit (None: unknown)."""
+    limit = max_positions(source)
+    if limit is not None and n_tokens > limit:
+        warnings.warn(
+            f"{what} = {n_tokens} positions exceeds the {limit} that {source} declares (max_position_embeddings / "
+            f"context_length); RoPE extrapolates past its training length, usually badly",
+            PositionWarning,
+            stacklevel=2,
+        )
+    return limit

@@ -47,7 +47,21 @@ def read_config(path: str) -> dict:
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path}: no {CONFIG} (not a Hugging Face model directory)")
     with open(file) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from e
+
+
+class _Fields(dict):
+    """A config.json dict whose missing required field raises an error naming the file and the field."""
+
+    def __init__(self, hf: dict, where: str):
+        super().__init__(hf)
+        self.where = where
+
+    def __missing__(self, key):
+        raise ValueError(f"{self.where}: required field {key!r} is missing (a {self.get('model_type')!r} config)")
 
 
 def _rope(hf: dict, default_pct: float) -> tuple[float, float]:
@@ -74,8 +88,10 @@ def _act(hf: dict, family: str) -> str:
     return ACTIVATIONS[name]
 
 
-def config_from_hf(hf: dict) -> model.ModelConfig:
-    """Maps a config.json dict to a vanilla ModelConfig; unknown model types or architectures are errors."""
+def config_from_hf(hf: dict, where: str = CONFIG) -> model.ModelConfig:
+    """Maps a config.json dict to a vanilla ModelConfig; unknown model types or architectures are errors, and so is
+    a missing required field (named with `where`, the file it came from)."""
+    hf = _Fields(hf, where)
     family = hf.get("model_type")
     archs = hf.get("architectures") or [FAMILIES.get(family)]
     if family not in FAMILIES or archs != [FAMILIES[family]]:
@@ -236,7 +252,7 @@ class _SafetensorsFile:
 
 def load(path: str, dtype=None) -> tuple[model.ModelConfig, dict[str, np.ndarray]]:
     """(config, flat params) of an HF directory. `dtype=None` keeps each tensor's stored dtype."""
-    cfg = config_from_hf(read_config(path))
+    cfg = config_from_hf(read_config(path), os.path.join(path, CONFIG))
     plan = _plan(cfg)
     shapes = model.param_shapes(cfg)
     files = [_SafetensorsFile(os.path.join(path, f)) for f in _files(path)]
