@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -494,7 +495,14 @@ def evaluate(c, model: model_lib.Decoder, tokenizer) -> dict[str, float]:
     return heldout.flat_metrics(heldout.evaluate(model, tokenizer, eval_spec(c), texts), model.cfg.n_loops)
 
 
+_HELP = ("-h", "--help", "-?", "--helpshort")
+
+
 def run():
+    if any(a in _HELP for a in sys.argv[1:]):  # absl's --help exits 1 and, under a console script, shows nothing
+        print(__doc__)
+        print(flags.FLAGS.module_help(__name__))
+        return
     config_lib.install_config_flag_resolution()  # --config <preset name> works from any directory
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
