@@ -161,6 +161,35 @@ def install_config_flag_resolution() -> None:
     check_overrides(sys.argv)
 
 
+GLOB_CORPUS = "data"  # the held-out corpus name of the --config.data.glob source
+
+
+def data_sources(c: config_dict.ConfigDict) -> list[dict]:
+    """The config's data sources: `data.sources`, or, when `data.glob` is set, one files source over those globs
+    (with data.text_field, data.doc_separator, data.heldout_fraction) that replaces them."""
+    d = c.data
+    if not d.glob:
+        return [dict(s) for s in d.sources]
+    return [
+        dict(
+            kind="files",
+            name=GLOB_CORPUS,
+            glob=d.glob,
+            text_field=d.text_field,
+            doc_separator=d.doc_separator,
+            heldout_fraction=d.heldout_fraction,
+        )
+    ]
+
+
+def heldout_names(c: config_dict.ConfigDict) -> list[str]:
+    """The corpora the in-training evaluation scores: eval.heldout, or, with data.glob (the preset's sources are
+    gone), the glob's held-out tail when data.heldout_fraction > 0."""
+    if c.data.glob:
+        return [GLOB_CORPUS] if c.data.heldout_fraction else []
+    return [n for n in c.eval.heldout.split(",") if n]
+
+
 def get_config() -> config_dict.ConfigDict:
     data = shared_data()
     c = config_dict.ConfigDict()
@@ -204,6 +233,11 @@ def get_config() -> config_dict.ConfigDict:
             doc_separator="blank_line",
         ),
     ]
+    # --config.data.glob=<glob>[,<glob>...] replaces `sources` with those files (one source, see data_sources):
+    c.data.glob = ""  # "" : use `sources`
+    c.data.text_field = "text"  # with data.glob: the field of .jsonl records holding the text
+    c.data.doc_separator = "blank_line"  # with data.glob: text files split at blank_line | line | file
+    c.data.heldout_fraction = 0.0  # with data.glob: the tail kept out of training, evaluated as corpus "data"
     c.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir for tfds sources that name none
     c.data.seq_len = 256  # T: tokens per packed row
     c.data.global_batch_size = 8  # rows per step over all hosts

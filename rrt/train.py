@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -189,8 +190,7 @@ def data_config(c: config_dict.ConfigDict, workdir: str):
     from rrt.data import documents, pipeline
 
     sources = []
-    for s in c.data.sources:
-        s = dict(s)
+    for s in config_lib.data_sources(c):
         if s.get("kind") == "tfds" and not s.get("data_dir"):
             if not c.data.data_dir:
                 raise ValueError(f"data source {s.get('name')!r} is a TFDS dataset: set --config.data.data_dir")
@@ -571,11 +571,18 @@ def eval_spec(c: config_dict.ConfigDict) -> heldout.Spec:
 
 def evaluate(c, model: model_lib.Decoder, tokenizer) -> dict[str, float]:
     """Held-out perplexity (per loop) and optional few-shot tasks, as flat scalar metrics."""
-    texts = heldout.heldout_texts(c.data.sources, [n for n in c.eval.heldout.split(",") if n])
+    texts = heldout.heldout_texts(config_lib.data_sources(c), config_lib.heldout_names(c))
     return heldout.flat_metrics(heldout.evaluate(model, tokenizer, eval_spec(c), texts), model.cfg.n_loops)
 
 
+_HELP = ("-h", "--help", "-?", "--helpshort")
+
+
 def run():
+    if any(a in _HELP for a in sys.argv[1:]):  # absl's --help exits 1 and, under a console script, shows nothing
+        print(__doc__)
+        print(flags.FLAGS.module_help(__name__))
+        return
     config_lib.install_config_flag_resolution()  # --config <preset name> works from any directory
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -196,31 +196,42 @@ def test_rolling_windows_cover_every_token(setup):
 
 
 def test_cli_registers_and_runs(setup, tmp_path):
-    """`python -m rrt.eval.lm_eval_adapter --model rrt ...`: the harness's CLI with rrt registered."""
-    root, _, _ = setup
+    """`rrt-lm-eval --model rrt ... --include_path <dir> --limit 3` (the console script, as a subprocess): the
+    harness's CLI with rrt registered scores the local JSONL task, and its accuracy is rrt's own `mc:` task's on the
+    same three items."""
+    root, model, tok = setup
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    script = os.path.join(os.path.dirname(sys.executable), "rrt-lm-eval")  # the installed entry point
+    entry = [script] if os.path.isfile(script) else [sys.executable, "-m", "rrt.eval.lm_eval_adapter"]
+    limit, loop = 3, 1
     cmd = [
-        sys.executable,
-        "-m",
-        "rrt.eval.lm_eval_adapter",
+        *entry,
         "--model",
         "rrt",
         "--model_args",
-        f"path={root / 'model'},loop=1",
+        f"path={root / 'model'},loop={loop}",
         "--tasks",
         "rrt_tiny_mc",
         "--include_path",
         str(root),
+        "--limit",
+        str(limit),
         "--batch_size",
         "2",
+        "--log_samples",
         "--output_path",
         str(tmp_path),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rrt_tiny_mc" in proc.stdout and "acc_norm" in proc.stdout
-    written = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.startswith("results")]
-    assert written, os.listdir(tmp_path)
-    with open(written[0]) as f:
+    found = {f.split("_")[0]: os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs}
+    assert {"results", "samples"} <= set(found), found
+    with open(found["results"]) as f:
         results = json.load(f)["results"]["rrt_tiny_mc"]
-    assert 0 <= results["acc,none"] <= 1
+    with open(found["samples"]) as f:
+        assert len(f.readlines()) == limit  # the harness scored exactly the first `limit` items
+    ours = fewshot.evaluate_tasks(model, tok, [f"mc:{root / 'mc.jsonl'}"], limit=limit, progress=False)["mc"]
+    ours = ours["per_loop"][loop - 1]
+    assert results["acc,none"] == pytest.approx(ours["acc"])
+    assert results["acc_norm,none"] == pytest.approx(ours["acc_norm"])

@@ -50,8 +50,11 @@ class Spec:
 
 
 def corpus_name(source: dict) -> str:
-    """A files source's name: the stem of its glob ("../corpora/tinystories_val.txt" -> "tinystories_val")."""
-    return os.path.splitext(os.path.basename(source.get("glob", source.get("name", ""))))[0]
+    """A files source's name: its `name` if it has one, else the stem of its glob ("../corpora/tinystories_val.txt"
+    -> "tinystories_val")."""
+    if source.get("name"):
+        return source["name"]
+    return os.path.splitext(os.path.basename(source.get("glob", "")))[0]
 
 
 def heldout_texts(sources: Sequence[dict], names: Sequence[str] | None = None) -> dict[str, str]:
