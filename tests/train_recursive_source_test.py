@@ -74,22 +74,48 @@ def test_trains_the_converted_directory_as_it_is(dirs, tmp_path):
     # Step 1's logged loss is the source's own parameters' loss on the first batch: a numpy log-softmax of the
     # source model's logits (no reconversion, no fresh init in between).
     (rec1,) = trainrun.metrics(wd).values()
-    c = _config(rec)
-    c.data.seq_len = 32
-    batch = next(
-        pipeline.make_iterator(train.data_config(c, str(wd)), _tokenizer(rec), process_index=0, process_count=1)
-    )
-    logits = np.asarray(
-        model_lib.from_params(src_cfg, src_params)(batch["inputs"], batch["positions"], batch["segment_ids"]),
-        np.float64,
-    )
-    logp = logits - logits.max(-1, keepdims=True)
-    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    batch = _first_batch(rec, wd)
+    logp = _logp(rec, batch)
     nll = -np.take_along_axis(logp, batch["targets"][..., None].astype(np.int64), -1)[..., 0]
     mask = batch["loss_mask"]
     want = (nll * mask).sum() / mask.sum()
     assert abs(want - np.log(VANILLA.vocab_size)) > 1, want
     assert rec1["loss"] == pytest.approx(want, rel=1e-4)
+
+
+def test_distils_from_the_named_teacher(dirs, tmp_path):
+    """KD from the converted directory with --config.teacher=<a full-depth dir>: step 1's logged KL is the numpy
+    KL(teacher || source) on the first batch. (The teacher is another model than the one converted, which a rank-4
+    conversion reproduces almost exactly, so that the KL is large.)"""
+    _, rec = dirs
+    vanilla = str(tmp_path / "teacher")
+    params = model_lib.flat_params(model_lib.Decoder(VANILLA, rngs=nnx.Rngs(2)))
+    rrt_dir.save(vanilla, VANILLA, {k: v * 40 if k == "embed" else v for k, v in params.items()})
+    wd = tmp_path / "kd"
+    kd = ("--config.loss.kd_weight=0.5", f"--config.teacher={vanilla}", "--config.optim.warmup_steps=0")
+    trainrun.run(wd, f"--config.source={rec}", *kd, steps=1)
+    (rec1,) = trainrun.metrics(wd).values()
+    batch = _first_batch(rec, wd)
+    student, teacher = _logp(rec, batch), _logp(vanilla, batch)
+    mask = batch["loss_mask"]
+    kl = ((np.exp(teacher) * (teacher - student)).sum(-1) * mask).sum() / mask.sum()
+    assert kl > 0.1 and rec1["kl/loop2"] == pytest.approx(kl, rel=1e-3)
+
+
+def _first_batch(source, wd):
+    c = _config(source)
+    c.data.seq_len = 32  # trainrun.SMALL's
+    it = pipeline.make_iterator(train.data_config(c, str(wd)), _tokenizer(source), process_index=0, process_count=1)
+    return next(it)
+
+
+def _logp(path, batch):
+    """float64 log-softmax of the model's logits on the batch."""
+    cfg, params = rrt_dir.load(path)
+    logits = model_lib.from_params(cfg, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits = np.asarray(logits, np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    return logp - np.log(np.exp(logp).sum(-1, keepdims=True))
 
 
 def _tokenizer(path):
