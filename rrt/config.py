@@ -117,6 +117,10 @@ def data_sources(c: config_dict.ConfigDict) -> list[dict]:
     (with data.text_field, data.doc_separator, data.heldout_fraction) that replaces them."""
     d = c.data
     if not d.glob:
+        base = get_config().data
+        stray = [f"data.{k}={d[k]!r}" for k in ("text_field", "doc_separator", "heldout_fraction") if d[k] != base[k]]
+        if stray:
+            raise ValueError(f"{', '.join(stray)} only apply with data.glob (unset); set them per data.sources entry")
         return [dict(s) for s in d.sources]
     return [
         dict(
