@@ -169,6 +169,10 @@ def data_sources(c: config_dict.ConfigDict) -> list[dict]:
     (with data.text_field, data.doc_separator, data.heldout_fraction) that replaces them."""
     d = c.data
     if not d.glob:
+        base = get_config().data
+        stray = [f"data.{k}={d[k]!r}" for k in ("text_field", "doc_separator", "heldout_fraction") if d[k] != base[k]]
+        if stray:
+            raise ValueError(f"{', '.join(stray)} only apply with data.glob (unset); set them per data.sources entry")
         return [dict(s) for s in d.sources]
     return [
         dict(
@@ -194,9 +198,9 @@ def get_config() -> config_dict.ConfigDict:
     data = shared_data()
     c = config_dict.ConfigDict()
     # --- Model ---------------------------------------------------------------------------------------------------
-    c.source = (
-        "smollm2"  # pretrained model: HF dir | .gguf file | rrt dir | "smollm2" (the packaged GGUF) | "" (scratch)
-    )
+    # pretrained model: HF dir | .gguf file | rrt dir | "smollm2" (the packaged GGUF) | "" (scratch). A full-depth
+    # model is converted with c.recursion; a recursive one (an rrt.convert directory) is trained as it is
+    c.source = "smollm2"
     c.model = config_dict.ConfigDict()  # scratch only (source = ""): rrt.model.ModelConfig fields, e.g. d_model
     c.model.vocab_size = 49152  # scratch: vocabulary (the tokenizer comes from c.tokenizer)
     c.model.d_model = 576
@@ -206,6 +210,8 @@ def get_config() -> config_dict.ConfigDict:
     c.model.head_dim = 64
     c.model.d_ff = 1536
     c.model.rope_theta = 100000.0
+    c.teacher = ""  # distillation (loss.kd_weight > 0) teacher: HF dir | .gguf | rrt dir | "smollm2"; "" : the
+    # full-depth source (a source that is recursive already, e.g. an rrt.convert directory, needs a teacher here)
     c.arch = archs.SMOLLM2_135M  # the source's published config.json (shape checks only; the checkpoint's wins)
     c.tokenizer = ""  # scratch only: where the tokenizer comes from (HF dir | .gguf | rrt dir | "smollm2")
     c.recursion = config_dict.ConfigDict()
@@ -262,7 +268,7 @@ def get_config() -> config_dict.ConfigDict:
     c.optim.freeze_embeddings = False
     # --- Losses --------------------------------------------------------------------------------------------------
     c.loss = config_dict.ConfigDict()
-    c.loss.kd_weight = 0.0  # weight of forward-KL distillation from the full-depth source model (0: off)
+    c.loss.kd_weight = 0.0  # weight of forward-KL distillation from c.teacher, else the full-depth source (0: off)
     c.loss.kd_temperature = 1.0
     c.loss.exit_weight = 0.0  # early-exit loss weight on every intermediate loop (paper: 0.1); last loop: 1.0
     c.loss.log_all_loops = True  # compute every loop's loss for the log even when exit_weight = 0 (+1 head forward)

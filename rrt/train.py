@@ -1,4 +1,4 @@
-"""`python -m rrt.train --config configs/<file>.py --workdir <dir> [--config.x=y ...]`: uptrain a recursive model.
+"""`python -m rrt.train --config <preset name | config file> --workdir <dir> [--config.x=y ...]`: uptrain.
 
 Reading order: `main` (setup: distributed, mesh, model from the source or the workdir, data, optimizer, restore),
 `train_step` (pure: loss, gradients, update), `loop` (steps, checkpoints, logs, evals). Rerunning the same command
@@ -249,18 +249,56 @@ def model_config(c: config_dict.ConfigDict, base: model_lib.ModelConfig | None):
     return dataclasses.replace(cfg, dtype=c.dtype, remat=c.remat), rec
 
 
+def recursion_disagreements(r: config_dict.ConfigDict, src: model_lib.ModelConfig) -> list[str]:
+    """The config.recursion fields that neither keep the base config's default nor agree with `src`, a model that
+    is recursive already (an rrt directory written by rrt.convert, or a training workdir): trained as it is."""
+    defaults = config_lib.get_config().recursion
+    full_attn, full_mlp = convert_lib.full_rank(src)
+    ppn = {"auto": None, "true": True, "false": False, True: True, False: False}.get(r.per_position_norms, "?")
+    have = {
+        "loops": (r.loops == src.n_loops, f"n_loops={src.n_loops}"),
+        "strategy": (r.strategy == src.strategy, f"strategy={src.strategy!r}"),
+        "rank_attn": ((full_attn if r.rank_attn == -1 else r.rank_attn) == src.rank_attn, f"rank_attn={src.rank_attn}"),
+        "rank_mlp": ((full_mlp if r.rank_mlp == -1 else r.rank_mlp) == src.rank_mlp, f"rank_mlp={src.rank_mlp}"),
+        "alpha": (r.alpha == src.lora_alpha, f"lora_alpha={src.lora_alpha}"),
+        "per_position_norms": (ppn is None or ppn == src.per_position_norms, f"{src.per_position_norms}"),
+        "init": (False, "no conversion: it is converted already"),
+        "lora_init": (False, "no conversion: it is converted already"),
+    }
+    return [f"recursion.{k}={r[k]!r} ({why})" for k, (ok, why) in have.items() if not ok and r[k] != defaults[k]]
+
+
 def build_model(c, workdir: str):
-    """(model config, source config, source params, recursion, conversion record, teacher (cfg, params) or None)."""
+    """(model config, source config, source params, recursion, conversion record, teacher (cfg, params) or None).
+
+    A full-depth source is converted (recursion None: trained from scratch when there is no source either); a
+    source that is recursive already is trained as it is (recursion None, and `c.recursion` must agree with it or
+    keep its defaults). Distillation takes its teacher from `c.teacher`, else the full-depth source; a recursive
+    source with no teacher is an error, never a guess."""
     meta_path = os.path.join(workdir, rrt_dir.META)
     source = formats.resolve_source(c.source)
     base = base_params = None
     if source:
         base, base_params = formats.load(source)
-    cfg, rec = model_config(c, base)
+    recursive_source = base is not None and (base.n_loops != 1 or base.relaxed)
+    if recursive_source:
+        bad = recursion_disagreements(c.recursion, base)
+        if bad:
+            raise ValueError(
+                f"{c.source} holds a recursive model ({base.n_shared} shared layers x {base.n_loops} loops, ranks "
+                f"{base.rank_attn}/{base.rank_mlp}), trained as it is; these config fields disagree with it: "
+                f"{'; '.join(bad)}. Leave them at their defaults or match the source"
+            )
+        cfg, rec = dataclasses.replace(base, dtype=c.dtype, remat=c.remat), None
+    else:
+        cfg, rec = model_config(c, base)
     conversion = {
         "source": os.path.abspath(source) if source else "",
         "recursion": dataclasses.asdict(rec) if rec else None,
     }
+    teacher_source = formats.resolve_source(c.teacher)
+    if teacher_source:
+        conversion["teacher"] = os.path.abspath(teacher_source)
     if os.path.exists(meta_path):
         meta = rrt_dir.read_meta(workdir)
         stored = model_lib.ModelConfig.from_dict(meta["model"])
@@ -269,9 +307,28 @@ def build_model(c, workdir: str):
             raise ValueError(
                 f"{workdir} holds a run of a different model or conversion ({meta_path}); use a new --workdir"
             )
-    if c.loss.kd_weight > 0 and base is None:
-        raise ValueError("loss.kd_weight > 0 needs a source model to distil from (config.source is empty)")
-    teacher = (base, base_params) if c.loss.kd_weight > 0 else None
+    teacher = None
+    if c.loss.kd_weight > 0:
+        if teacher_source:
+            teacher = formats.load(teacher_source)
+            if teacher[0].vocab_size != cfg.vocab_size:
+                raise ValueError(
+                    f"config.teacher {c.teacher} has {teacher[0].vocab_size} tokens, the trained model "
+                    f"{cfg.vocab_size}: distillation needs the same vocabulary"
+                )
+        elif base is None:
+            raise ValueError(
+                "loss.kd_weight > 0 needs a model to distil from: config.source is empty; set --config.teacher"
+            )
+        elif recursive_source:
+            raise ValueError(
+                f"loss.kd_weight > 0 but config.source {c.source} is recursive already, so it is no teacher; name "
+                "the full-depth model to distil from with --config.teacher=<HF dir | .gguf | rrt dir | smollm2>"
+            )
+        else:
+            teacher = (base, base_params)
+    elif teacher_source:
+        raise ValueError(f"config.teacher={c.teacher!r} is set but loss.kd_weight is 0: nothing would distil from it")
     return cfg, base, base_params, rec, conversion, teacher
 
 
@@ -378,6 +435,9 @@ def main(argv) -> None:
                 f"converted {c.source} -> {cfg.n_shared} x {cfg.n_loops} ({rec.strategy}, {rec.init}): "
                 f"{report['params']}"
             )
+        elif base is not None:  # a recursive source: trained as it is
+            flat = base_params
+            _log(f"training {c.source} as it is ({cfg.n_shared} x {cfg.n_loops}); no conversion")
         else:
             flat = model_lib.flat_params(model_lib.Decoder(cfg, rngs=nnx.Rngs(c.seed)))
         params = place(model_lib.nest({k: np.asarray(v, np.float32) for k, v in flat.items()}), param_sh)

@@ -62,6 +62,9 @@ def test_glob_replaces_sources(corpus, tmp_path):
     tiny = config.preset("tiny")
     assert config.data_sources(tiny) == [dict(s) for s in tiny.data.sources]
     assert config.heldout_names(tiny) == ["tinystories_val"]
+    tiny.data.text_field = "body"  # without data.glob it would be ignored: refused, named
+    with pytest.raises(ValueError, match="data.text_field='body' only apply with data.glob"):
+        config.data_sources(tiny)
 
 
 def test_glob_batches_hold_only_those_files(corpus, tmp_path):

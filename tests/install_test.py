@@ -101,19 +101,6 @@ def test_train_from_preset_and_from_a_user_config(installed, tmp_path):
         needs.missing(f"the shared data {env['RRT_SHARED_DATA']} is missing")
     small = [a for a in trainrun.SMALL if not a.startswith("--config.optim.warmup_steps")]
     train = str(bin_dir / "rrt-train")
-    wd = tmp_path / "preset_run"
-    p = _run(
-        [train, "--config", "tiny", "--workdir", str(wd), "--config.steps=1", "--config.optim.warmup_steps=0", *small],
-        cwd,
-        env,
-    )
-    assert p.returncode == 0, p.stderr[-4000:]
-    (rec,) = [r for r in _records(wd) if "loss" in r]
-    assert rec["step"] == 1 and 0 < rec["loss"] < 20
-    with open(wd / "train_config.json") as f:
-        recorded = json.load(f)
-    assert recorded["data"]["sources"][0]["glob"].startswith(env["RRT_SHARED_DATA"])
-
     mine = tmp_path / "my_configs"
     os.makedirs(mine)
     (mine / "my_run.py").write_text(
@@ -131,9 +118,21 @@ def test_train_from_preset_and_from_a_user_config(installed, tmp_path):
                 return c
             """)
     )
-    wd2 = tmp_path / "user_run"
-    p = _run([train, "--config", str(mine / "my_run.py"), "--workdir", str(wd2)], cwd, env)
-    assert p.returncode == 0, p.stderr[-4000:]
+    wd, wd2 = tmp_path / "preset_run", tmp_path / "user_run"
+    runs = [
+        [train, "--config", "tiny", "--workdir", str(wd), "--config.steps=1", "--config.optim.warmup_steps=0", *small],
+        [train, "--config", str(mine / "my_run.py"), "--workdir", str(wd2)],
+    ]
+    with ThreadPoolExecutor(2) as pool:  # the two runs overlap their start-up (imports, tokenizer, corpus)
+        procs = list(pool.map(lambda cmd: _run(cmd, cwd, env), runs))
+    for cmd, p in zip(runs, procs):
+        assert p.returncode == 0, f"{cmd}:\n{p.stderr[-4000:]}"
+    (rec,) = [r for r in _records(wd) if "loss" in r]
+    assert rec["step"] == 1 and 0 < rec["loss"] < 20
+    with open(wd / "train_config.json") as f:
+        recorded = json.load(f)
+    assert recorded["data"]["sources"][0]["glob"].startswith(env["RRT_SHARED_DATA"])
+
     (rec2,) = [r for r in _records(wd2) if "loss" in r]
     # same preset, same deltas, same seeds: the same first step as the command-line overrides gave
     assert rec2["loss"] == pytest.approx(rec["loss"], rel=1e-5)
