@@ -223,19 +223,27 @@ def test_damaged_latest_checkpoint_is_named_kept_and_the_run_resumes_from_the_pr
     assert trainrun.checkpoint_steps(workdir) == [1, 2, 3, 4]
     assert sorted(restore_every_step(workdir)) == [1, 2, 3, 4]
     assert sorted(trainrun.metrics(workdir)) == [1, 2, 3, 4]
+    # train_config.json is what the rerun (which wrote step 4) used; the first attempt's is kept beside it
+    with open(os.path.join(workdir, "train_config.json")) as f:
+        assert json.load(f)["steps"] == 4
+    (earlier,) = [n for n in os.listdir(workdir) if n.startswith("train_config.") and n != "train_config.json"]
+    with open(os.path.join(workdir, earlier)) as f:
+        assert json.load(f)["steps"] == 3
 
 
 def test_when_no_checkpoint_restores_the_run_stops_moving_nothing(tmp_path):
     workdir = tmp_path / "none"
     args = ("--config.checkpoint_every=1", "--config.keep_checkpoints=100", "--config.async_checkpoint=false")
-    trainrun.run(workdir, *args, steps=1)
-    damaged = _damage(os.path.join(workdir, "checkpoints", "1"), "truncated_params")
-    size = os.path.getsize(os.path.join(workdir, "checkpoints", "1", damaged))
+    trainrun.run(workdir, *args, steps=2)
+    damaged = {s: _damage(os.path.join(workdir, "checkpoints", str(s)), "truncated_params") for s in (1, 2)}
+    size = {s: os.path.getsize(os.path.join(workdir, "checkpoints", str(s), f)) for s, f in damaged.items()}
     records = trainrun.metrics(workdir)
-    assert trainrun.run(workdir, *args, steps=2, check=False) != 0
+    assert trainrun.run(workdir, *args, steps=3, check=False) != 0
     log = trainrun.tail(f"{workdir}.log", 100_000)
-    assert "RuntimeError: no checkpoint in" in log and "checkpoint step 1 does not restore (" in log, log[-3000:]
-    assert trainrun.checkpoint_steps(workdir) == [1]  # left where it was, as it was
-    assert os.path.getsize(os.path.join(workdir, "checkpoints", "1", damaged)) == size
+    assert "RuntimeError: no checkpoint in" in log, log[-3000:]
+    assert "checkpoint step 2 does not restore (" in log and "checkpoint step 1 does not restore (" in log
+    assert trainrun.checkpoint_steps(workdir) == [1, 2]  # left where they were, as they were
+    for s, f in damaged.items():
+        assert os.path.getsize(os.path.join(workdir, "checkpoints", str(s), f)) == size[s]
     assert not os.path.exists(os.path.join(workdir, "checkpoints_unrestorable"))
     assert trainrun.metrics(workdir) == records  # the log is not truncated to a fresh start

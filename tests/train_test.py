@@ -132,3 +132,34 @@ def test_record_config_rewrites_on_each_start_and_keeps_a_different_earlier_one(
         with open(os.path.join(workdir, n)) as f:
             contents.add(f.read())
     assert contents == {'{"attempt": 1}', '{"attempt": 2}', '{"attempt": 3}'}
+
+
+def test_seq_len_past_the_sources_positions_warns(tmp_path):
+    """Training from an HF source that declares 16 positions with data.seq_len = 32: a PositionWarning naming both
+    (RoPE: a warning, training proceeds)."""
+    import torch
+    import transformers
+    from hf_parity_test import randomize
+
+    from rrt.formats import gguf, tokenizer
+
+    tok = tokenizer.load_tokenizer(gguf.smollm2_gguf_path())
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        tie_word_embeddings=True,
+    )
+    with torch.no_grad():
+        m = randomize(transformers.LlamaForCausalLM(cfg), norm_center=1.0)
+    source = tmp_path / "hf"
+    m.save_pretrained(source)
+    tok.save(str(source))
+    workdir = tmp_path / "run"
+    trainrun.run(workdir, f"--config.source={source}", steps=2)
+    log = trainrun.tail(f"{workdir}.log", 100_000)
+    assert "PositionWarning: data.seq_len = 32 positions exceeds the 16 that" in log, log[-3000:]
