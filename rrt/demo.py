@@ -147,9 +147,7 @@ def main(argv=None) -> int:
         cmd.append(f"--config.steps={args.steps}")
     print("[demo] " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    results["uptrained 15x2 r64"] = evaluate(
-        "the uptrained model", formats.load_model(workdir), tokenizer, texts, spec
-    )
+    results["uptrained 15x2 r64"] = evaluate("the uptrained model", formats.load_model(workdir), tokenizer, texts, spec)
 
     md = table(results)
     print("\n" + md)
