@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -257,93 +258,27 @@ def build_model(c, workdir: str):
     return cfg, base, base_params, rec, conversion, teacher
 
 
-def _log(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, flush=True)
-
-
-def main(argv) -> None:
-    del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
-    c = _CONFIG.value
-    workdir = _WORKDIR.value
-    if not workdir:
-        raise app.UsageError("--workdir is required")
-    init_distributed(c)
-    os.makedirs(workdir, exist_ok=True)
-    mesh = sharding_lib.make_mesh(tuple(c.mesh))
-    cfg, base, base_params, rec, conversion, teacher = build_model(c, workdir)
+def build_step(c, cfg: model_lib.ModelConfig, teacher_cfg: model_lib.ModelConfig | None, mesh):
+    """Everything about the train step that needs no data or weights: the abstract parameters, the optimizer, the
+    shardings of parameters, optimizer state and teacher, and the jitted step. `rrt.train.main` trains with it;
+    `rrt.aot` compiles it for a TPU topology from abstract arrays (one code path, so what fits there runs here)."""
     loss_cfg = LossConfig(
         c.loss.kd_weight, c.loss.kd_temperature, c.loss.exit_weight, c.loss.log_all_loops, c.remat != "none"
     )
     opt_cfg = optim_lib.OptimConfig(**{k: v for k, v in c.optim.items()}, total_steps=c.steps)
-    if c.data.global_batch_size % c.grad_accum:
-        raise ValueError(
-            f"data.global_batch_size={c.data.global_batch_size} is not divisible by grad_accum={c.grad_accum}"
-        )
-
     graphdef, abstract_state = nnx.split(model_lib.abstract(cfg))
     abstract_params = nnx.to_pure_dict(abstract_state)
     param_sh = sharding_lib.param_shardings(abstract_params, mesh)
     opt, schedules = optim_lib.make(opt_cfg, abstract_params)
-    mngr = train_state.manager(workdir, c.checkpoint_every, c.keep_checkpoints, c.async_checkpoint)
-    latest = mngr.latest_step()
-
-    tokenizer_source = formats.resolve_source(c.source or c.tokenizer)
-    from rrt.formats import tokenizer as tokenizer_lib
-
-    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_source)
-    from rrt.data import pipeline
-
-    formats.check_vocab(tokenizer, cfg, tokenizer_source)
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, rrt_dir.META)):
-        tokenizer.save(os.path.join(workdir, "tokenizer"))
-        with open(os.path.join(workdir, rrt_dir.META), "w") as f:
-            json.dump({"format": 1, "model": cfg.to_dict(), "conversion": conversion}, f, indent=2)
-        with open(os.path.join(workdir, TRAIN_CONFIG), "w") as f:
-            f.write(c.to_json(indent=2))
-
     # Optimizer-state shardings follow the parameters' (sharding.opt_state_shardings says why they are explicit).
-    with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)  # noqa: E731
     abstract_opt = jax.eval_shape(opt.init, abstract_params)
     opt_sh = sharding_lib.opt_state_shardings(opt, abstract_opt, param_sh, mesh)
-    init_fn = jax.jit(opt.init, out_shardings=opt_sh)
-
-    if latest is not None:
-        params, opt_state, meta, data_state = train_state.restore(
-            mngr, latest, with_sh(abstract_params, param_sh), with_sh(abstract_opt, opt_sh)
-        )
-        step = int(meta["step"])
-        _log(f"resumed from step {step} of {workdir}")
-    else:
-        if rec is not None:
-            _, flat, report = convert_lib.convert(base, base_params, rec, progress=jax.process_index() == 0)
-            _log(
-                f"converted {c.source} -> {cfg.n_shared} x {cfg.n_loops} ({rec.strategy}, {rec.init}): "
-                f"{report['params']}"
-            )
-        else:
-            flat = model_lib.flat_params(model_lib.Decoder(cfg, rngs=nnx.Rngs(c.seed)))
-        params = place(model_lib.nest({k: np.asarray(v, np.float32) for k, v in flat.items()}), param_sh)
-        opt_state = init_fn(params)
-        step, data_state = 0, None
-
-    teacher_graphdef = teacher_params = None
-    teacher_cfg = None
-    if teacher is not None:
-        teacher_cfg = dataclasses.replace(teacher[0], dtype=c.dtype)
+    teacher_graphdef = teacher_abstract = teacher_sh = None
+    if teacher_cfg is not None:
+        teacher_cfg = dataclasses.replace(teacher_cfg, dtype=c.dtype)
         teacher_graphdef, t_state = nnx.split(model_lib.abstract(teacher_cfg))
-        t_abstract = nnx.to_pure_dict(t_state)
-        teacher_params = place(
-            model_lib.nest({k: np.asarray(v, np.float32) for k, v in teacher[1].items()}),
-            sharding_lib.param_shardings(t_abstract, mesh),
-        )
-
-    dcfg = data_config(c, workdir)
-    iterator = pipeline.make_iterator(dcfg, tokenizer)
-    if data_state is not None:
-        iterator.set_state(data_state)
-
+        teacher_abstract = nnx.to_pure_dict(t_state)
+        teacher_sh = sharding_lib.param_shardings(teacher_abstract, mesh)
     constrain = sharding_lib.shared_gather_constraint(mesh) if c.gather_shared else None
     step_fn = jax.jit(
         functools.partial(
@@ -362,6 +297,97 @@ def main(argv) -> None:
         out_shardings=(param_sh, opt_sh, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
         donate_argnums=(0, 1),
     )
+    return types.SimpleNamespace(
+        loss_cfg=loss_cfg,
+        graphdef=graphdef,
+        abstract_params=abstract_params,
+        param_sh=param_sh,
+        opt=opt,
+        schedules=schedules,
+        abstract_opt=abstract_opt,
+        opt_sh=opt_sh,
+        teacher_cfg=teacher_cfg,
+        teacher_graphdef=teacher_graphdef,
+        teacher_abstract=teacher_abstract,
+        teacher_sh=teacher_sh,
+        step_fn=step_fn,
+    )
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
+    c = _CONFIG.value
+    workdir = _WORKDIR.value
+    if not workdir:
+        raise app.UsageError("--workdir is required")
+    init_distributed(c)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding_lib.make_mesh(tuple(c.mesh))
+    cfg, base, base_params, rec, conversion, teacher = build_model(c, workdir)
+    if c.data.global_batch_size % c.grad_accum:
+        raise ValueError(
+            f"data.global_batch_size={c.data.global_batch_size} is not divisible by grad_accum={c.grad_accum}"
+        )
+
+    st = build_step(c, cfg, teacher[0] if teacher is not None else None, mesh)
+    graphdef, param_sh, opt_sh, opt, schedules = st.graphdef, st.param_sh, st.opt_sh, st.opt, st.schedules
+    mngr = train_state.manager(workdir, c.checkpoint_every, c.keep_checkpoints, c.async_checkpoint)
+    latest = mngr.latest_step()
+
+    tokenizer_source = formats.resolve_source(c.source or c.tokenizer)
+    from rrt.formats import tokenizer as tokenizer_lib
+
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_source)
+    from rrt.data import pipeline
+
+    formats.check_vocab(tokenizer, cfg, tokenizer_source)
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, rrt_dir.META)):
+        tokenizer.save(os.path.join(workdir, "tokenizer"))
+        with open(os.path.join(workdir, rrt_dir.META), "w") as f:
+            json.dump({"format": 1, "model": cfg.to_dict(), "conversion": conversion}, f, indent=2)
+        with open(os.path.join(workdir, TRAIN_CONFIG), "w") as f:
+            f.write(c.to_json(indent=2))
+
+    with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)  # noqa: E731
+    init_fn = jax.jit(opt.init, out_shardings=opt_sh)
+
+    if latest is not None:
+        params, opt_state, meta, data_state = train_state.restore(
+            mngr, latest, with_sh(st.abstract_params, param_sh), with_sh(st.abstract_opt, opt_sh)
+        )
+        step = int(meta["step"])
+        _log(f"resumed from step {step} of {workdir}")
+    else:
+        if rec is not None:
+            _, flat, report = convert_lib.convert(base, base_params, rec, progress=jax.process_index() == 0)
+            _log(
+                f"converted {c.source} -> {cfg.n_shared} x {cfg.n_loops} ({rec.strategy}, {rec.init}): "
+                f"{report['params']}"
+            )
+        else:
+            flat = model_lib.flat_params(model_lib.Decoder(cfg, rngs=nnx.Rngs(c.seed)))
+        params = place(model_lib.nest({k: np.asarray(v, np.float32) for k, v in flat.items()}), param_sh)
+        opt_state = init_fn(params)
+        step, data_state = 0, None
+
+    teacher_params, teacher_cfg = None, st.teacher_cfg
+    if teacher is not None:
+        teacher_params = place(
+            model_lib.nest({k: np.asarray(v, np.float32) for k, v in teacher[1].items()}), st.teacher_sh
+        )
+
+    dcfg = data_config(c, workdir)
+    iterator = pipeline.make_iterator(dcfg, tokenizer)
+    if data_state is not None:
+        iterator.set_state(data_state)
+
+    step_fn, loss_cfg = st.step_fn, st.loss_cfg
     # model FLOPs: the trained exits' heads (a logged step's forward-only heads for the log are not counted)
     trained_heads = sum(w > 0 for w in losses.loop_weights(cfg.n_loops, loss_cfg.exit_weight))
     flops_per_token = flops_lib.train_flops_per_token(cfg, dcfg.seq_len, trained_heads, teacher_cfg)
