@@ -22,15 +22,18 @@ import re
 import sys
 import time
 
-import jax
-import numpy as np
-from absl import app, flags
+# Compiling only: several processes (tests, parallel runs) may load libtpu at once without a TPU to share.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from rrt import flops as flops_lib
-from rrt import losses, train
-from rrt import model as model_lib
-from rrt import sharding as sharding_lib
-from rrt.data import packing
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from rrt import flops as flops_lib  # noqa: E402
+from rrt import losses, train  # noqa: E402
+from rrt import model as model_lib  # noqa: E402
+from rrt import sharding as sharding_lib  # noqa: E402
+from rrt.data import packing  # noqa: E402
 
 _CONFIG = train._CONFIG  # --config and its --config.x=y overrides, defined once by rrt.train
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5e-256, v5p-128, v4-64, v6e-256 or v5e:16x16")
@@ -170,7 +173,20 @@ def analyze(c, topology: str) -> dict:
     t0 = time.perf_counter()
     lowered = st.step_fn.lower(params, opt_state, teacher, batch, log_flag)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a program that exceeds HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return {
+            "config": {"topology": topology, "raw": raw, "generation": gen, "chips": len(devices)},
+            "mesh": dict(zip(sharding_lib.MESH_AXES, (int(s) for s in mesh.devices.shape))),
+            "fits": False,
+            "error": str(e).splitlines()[0],
+            "per_chip_bytes": {"params": _shard_bytes(params), "opt_state": _shard_bytes(opt_state), "hbm": hbm},
+            "largest_buffers": _largest_buffers(lowered.as_text(dialect="hlo")) + ["(global shapes, before SPMD)"],
+            "compile_s": {"lower": t1 - t0, "compile": time.perf_counter() - t1},
+        }
     t2 = time.perf_counter()
 
     mem = compiled.memory_analysis()
@@ -229,7 +245,7 @@ def analyze(c, topology: str) -> dict:
         "mfu_at_step_time": (rrt_step / (step_s * n * peak)) if step_s else None,
         "collectives": collectives(hlo),
         "compile_s": {"lower": t1 - t0, "compile": t2 - t1},
-        "cost_analysis_keys": sorted(cost),
+        "xla_optimal_seconds": float(cost.get("optimal_seconds", -1.0)),
     }
     if not report["fits"]:
         report["largest_buffers"] = _largest_buffers(hlo)
@@ -238,6 +254,17 @@ def analyze(c, topology: str) -> dict:
 
 def table(r: dict) -> str:
     g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    if "error" in r:
+        m = r["per_chip_bytes"]
+        return "\n".join(
+            [
+                f"topology {r['config']['topology']} ({r['config']['chips']} chips), mesh {r['mesh']}",
+                f"DOES NOT FIT: {r['error']}",
+                f"per chip: params {g(m['params'])}, optimizer state {g(m['opt_state'])}, HBM {g(m['hbm'])}",
+                "largest buffers:",
+            ]
+            + [f"  {b}" for b in r["largest_buffers"]]
+        )
     m = r["per_chip_bytes"]
     f = r["flops"]
     lines = [
