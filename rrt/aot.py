@@ -241,6 +241,8 @@ def analyze(c, topology: str) -> dict:
             "xla_per_token": xla_flops * n / (B * T),
         },
         "step_time_s": step_s,
+        "step_time_s_at_40pct_mfu": rrt_step / (n * peak * 0.4),
+        "hours_for_steps_at_40pct_mfu": c.steps * rrt_step / (n * peak * 0.4) / 3600,
         "peak_flops_per_chip": peak,
         "mfu_at_step_time": (rrt_step / (step_s * n * peak)) if step_s else None,
         "collectives": collectives(hlo),
@@ -284,6 +286,10 @@ def table(r: dict) -> str:
         lines.append(f"XLA estimated step time {r['step_time_s']:.3f} s -> MFU {r['mfu_at_step_time']:.1%}")
     else:
         lines.append("XLA estimated step time: not given by this backend's cost analysis")
+    lines.append(
+        f"at 40% MFU (rrt/flops.py): {r['step_time_s_at_40pct_mfu']:.2f} s per step, "
+        f"{r['hours_for_steps_at_40pct_mfu']:.1f} h for config.steps"
+    )
     lines.append("collectives (per chip, ops in the compiled HLO, loop bodies counted once):")
     for k, v in r["collectives"].items():
         lines.append(f"  {k:<20}{v['count']:5d} ops {v['bytes'] / 2**20:12.1f} MiB")
