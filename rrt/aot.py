@@ -86,8 +86,8 @@ def topology_devices(raw: str):
     host = (2, 2, 1) if len(dims) == 3 else (min(dims[0], 2), min(dims[1], 2), 1)
     if math.prod(dims) < 4:
         host = tuple(dims) + (1,) * (3 - len(dims))
-    del gen
-    return topologies.get_topology_desc(raw, "tpu", chips_per_host_bounds=host, num_slices=1).devices
+    kw = {"chip_config_name": "megacore"} if CHIPS[gen][2] == 2 else {}  # v4, v5p: one device per chip (2 cores)
+    return topologies.get_topology_desc(raw, "tpu", chips_per_host_bounds=host, num_slices=1, **kw).devices
 
 
 def source_config(c) -> model_lib.ModelConfig | None:
