@@ -3,9 +3,18 @@
     python launch/tpu_pod.py --tpu my-v5e-256 --zone us-west4-a --config configs/recursive_gemma_1b.py \
         --workdir gs://bucket/rrt/gemma1b -- --config.source=/path/to/gemma-2b --config.data.data_dir=gs://bucket/tfds
 
-Cost: the paper's 15B tokens are 15e9 / (1024 x 2048) ~ 7,150 steps of a 1024 x 2048 batch; the recursive model
-does the full 18-layer compute, ~2.0e10 FLOPs per token for training, ~3.0e20 FLOPs in all: about 22 hours on a
-v5e-256 at 40% MFU. Strict recursion (rank 0); see recursive_gemma_1b_relaxed.py for rank 512.
+Check it fits first (compiles the real step for the slice on any CPU with libtpu; docs/LAUNCHING.md):
+
+    python -m rrt.aot --config configs/recursive_gemma_1b.py --topology v5e-256 --output aot.json
+
+Measured with rrt.aot on v5e-256 (v5e:16x16, mesh data 1 x fsdp 256 x tensor 1, remat dots): grad_accum 4 (one
+sequence per chip per micro-batch) fits with 14.79 GiB of 16 GiB per chip (1.21 GiB headroom; XLA's temporaries
+14.67 GiB, mostly the 256k-vocabulary logits); without grad_accum (4 sequences per chip) XLA refuses the program
+(28.45 GiB of temporaries). Cost: the paper's 15B tokens are ~7,150 steps of 1024 x 2048; rrt/flops.py gives
+1.59e10 training FLOPs per token, 3.34e16 per step: 1.66 s per step and 3.3 hours at 40% MFU (197 TFLOP/s bf16 per
+chip). XLA's own cost analysis counts each loop body once (grad_accum and layer scans), so its 1.23e9 FLOP/token is a
+floor, not a total, and its cost model gives no step time for this program. Strict recursion (rank 0); see
+recursive_gemma_1b_relaxed.py for rank 512.
 """
 
 from ml_collections import config_dict
@@ -24,6 +33,7 @@ def get_config():
     c.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir (prepare with python -m rrt.data.tfds)
     c.data.seq_len = 2048
     c.data.global_batch_size = 1024
+    c.grad_accum = 4  # 1 sequence per chip per micro-batch on v5e-256; 4 at once exceed 16 GiB (rrt.aot)
     c.steps = 7150
     c.optim.lr = 1e-4
     c.optim.warmup_steps = 200

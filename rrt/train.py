@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -354,6 +355,67 @@ def record_config(workdir: str, config_json: str) -> str | None:
     return kept
 
 
+def build_step(c, cfg: model_lib.ModelConfig, teacher_cfg: model_lib.ModelConfig | None, mesh):
+    """Everything about the train step that needs no data or weights: the abstract parameters, the optimizer, the
+    shardings of parameters, optimizer state and teacher, and the jitted step. `rrt.train.main` trains with it;
+    `rrt.aot` compiles it for a TPU topology from abstract arrays (one code path, so what fits there runs here)."""
+    loss_cfg = LossConfig(
+        c.loss.kd_weight,
+        c.loss.kd_temperature,
+        c.loss.exit_weight,
+        c.loss.log_all_loops,
+        c.remat != "none",
+        c.loss.chunk_tokens,
+    )
+    opt_cfg = optim_lib.OptimConfig(**{k: v for k, v in c.optim.items()}, total_steps=c.steps)
+    graphdef, abstract_state = nnx.split(model_lib.abstract(cfg))
+    abstract_params = nnx.to_pure_dict(abstract_state)
+    param_sh = sharding_lib.param_shardings(abstract_params, mesh)
+    opt, schedules = optim_lib.make(opt_cfg, abstract_params)
+    # Optimizer-state shardings follow the parameters' (sharding.opt_state_shardings says why they are explicit).
+    abstract_opt = jax.eval_shape(opt.init, abstract_params)
+    opt_sh = sharding_lib.opt_state_shardings(opt, abstract_opt, param_sh, mesh)
+    teacher_graphdef = teacher_abstract = teacher_sh = None
+    if teacher_cfg is not None:
+        teacher_cfg = dataclasses.replace(teacher_cfg, dtype=c.dtype)
+        teacher_graphdef, t_state = nnx.split(model_lib.abstract(teacher_cfg))
+        teacher_abstract = nnx.to_pure_dict(t_state)
+        teacher_sh = sharding_lib.param_shardings(teacher_abstract, mesh)
+    constrain = sharding_lib.shared_gather_constraint(mesh) if c.gather_shared else None
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            opt=opt,
+            n_micro=c.grad_accum,
+            n_loops=cfg.n_loops,
+            graphdef=graphdef,
+            teacher_graphdef=teacher_graphdef,
+            loss_cfg=loss_cfg,
+            constrain=constrain,
+            constrain_hiddens=sharding_lib.activation_constraint(mesh, (None, "batch", "time", None)),
+        ),
+        # Outputs keep the inputs' shardings: otherwise XLA picks its own, the second step recompiles and the
+        # parameters drift away from the rules table (and from what a restore expects).
+        out_shardings=(param_sh, opt_sh, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
+        donate_argnums=(0, 1),
+    )
+    return types.SimpleNamespace(
+        loss_cfg=loss_cfg,
+        graphdef=graphdef,
+        abstract_params=abstract_params,
+        param_sh=param_sh,
+        opt=opt,
+        schedules=schedules,
+        abstract_opt=abstract_opt,
+        opt_sh=opt_sh,
+        teacher_cfg=teacher_cfg,
+        teacher_graphdef=teacher_graphdef,
+        teacher_abstract=teacher_abstract,
+        teacher_sh=teacher_sh,
+        step_fn=step_fn,
+    )
+
+
 def _log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
@@ -382,24 +444,13 @@ def main(argv) -> None:
     cfg, base, base_params, rec, conversion, teacher = build_model(c, workdir)
     if c.source:  # RoPE: past the source's declared context is a warning (formats.check_positions)
         formats.check_positions(c.data.seq_len, formats.resolve_source(c.source), "data.seq_len")
-    loss_cfg = LossConfig(
-        c.loss.kd_weight,
-        c.loss.kd_temperature,
-        c.loss.exit_weight,
-        c.loss.log_all_loops,
-        c.remat != "none",
-        c.loss.chunk_tokens,
-    )
-    opt_cfg = optim_lib.OptimConfig(**{k: v for k, v in c.optim.items()}, total_steps=c.steps)
     if c.data.global_batch_size % c.grad_accum:
         raise ValueError(
             f"data.global_batch_size={c.data.global_batch_size} is not divisible by grad_accum={c.grad_accum}"
         )
 
-    graphdef, abstract_state = nnx.split(model_lib.abstract(cfg))
-    abstract_params = nnx.to_pure_dict(abstract_state)
-    param_sh = sharding_lib.param_shardings(abstract_params, mesh)
-    opt, schedules = optim_lib.make(opt_cfg, abstract_params)
+    st = build_step(c, cfg, teacher[0] if teacher is not None else None, mesh)
+    graphdef, param_sh, opt_sh, opt, schedules = st.graphdef, st.param_sh, st.opt_sh, st.opt, st.schedules
     mngr = train_state.manager(workdir, c.checkpoint_every, c.keep_checkpoints, c.async_checkpoint)
     latest = mngr.latest_step()
 
@@ -415,15 +466,14 @@ def main(argv) -> None:
         with open(os.path.join(workdir, rrt_dir.META), "w") as f:
             json.dump({"format": 1, "model": cfg.to_dict(), "conversion": conversion}, f, indent=2)
 
-    # Optimizer-state shardings follow the parameters' (sharding.opt_state_shardings says why they are explicit).
     with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)  # noqa: E731
-    abstract_opt = jax.eval_shape(opt.init, abstract_params)
-    opt_sh = sharding_lib.opt_state_shardings(opt, abstract_opt, param_sh, mesh)
     init_fn = jax.jit(opt.init, out_shardings=opt_sh)
 
     restored = None
     if latest is not None:  # the newest step that restores; damaged ones are named and moved aside
-        restored = train_state.restore_latest(mngr, with_sh(abstract_params, param_sh), with_sh(abstract_opt, opt_sh))
+        restored = train_state.restore_latest(
+            mngr, with_sh(st.abstract_params, param_sh), with_sh(st.abstract_opt, opt_sh)
+        )
     if restored is not None:
         _, params, opt_state, meta, data_state = restored
         step = int(meta["step"])
@@ -444,15 +494,10 @@ def main(argv) -> None:
         opt_state = init_fn(params)
         step, data_state = 0, None
 
-    teacher_graphdef = teacher_params = None
-    teacher_cfg = None
+    teacher_params, teacher_cfg = None, st.teacher_cfg
     if teacher is not None:
-        teacher_cfg = dataclasses.replace(teacher[0], dtype=c.dtype)
-        teacher_graphdef, t_state = nnx.split(model_lib.abstract(teacher_cfg))
-        t_abstract = nnx.to_pure_dict(t_state)
         teacher_params = place(
-            model_lib.nest({k: np.asarray(v, np.float32) for k, v in teacher[1].items()}),
-            sharding_lib.param_shardings(t_abstract, mesh),
+            model_lib.nest({k: np.asarray(v, np.float32) for k, v in teacher[1].items()}), st.teacher_sh
         )
 
     dcfg = data_config(c, workdir)
@@ -462,24 +507,7 @@ def main(argv) -> None:
     if jax.process_index() == 0:
         record_config(workdir, c.to_json(indent=2))
 
-    constrain = sharding_lib.shared_gather_constraint(mesh) if c.gather_shared else None
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            opt=opt,
-            n_micro=c.grad_accum,
-            n_loops=cfg.n_loops,
-            graphdef=graphdef,
-            teacher_graphdef=teacher_graphdef,
-            loss_cfg=loss_cfg,
-            constrain=constrain,
-            constrain_hiddens=sharding_lib.activation_constraint(mesh, (None, "batch", "time", None)),
-        ),
-        # Outputs keep the inputs' shardings: otherwise XLA picks its own, the second step recompiles and the
-        # parameters drift away from the rules table (and from what a restore expects).
-        out_shardings=(param_sh, opt_sh, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
-        donate_argnums=(0, 1),
-    )
+    step_fn, loss_cfg = st.step_fn, st.loss_cfg
     # model FLOPs: the trained exits' heads (a logged step's forward-only heads for the log are not counted)
     trained_heads = sum(w > 0 for w in losses.loop_weights(cfg.n_loops, loss_cfg.exit_weight))
     flops_per_token = flops_lib.train_flops_per_token(cfg, dcfg.seq_len, trained_heads, teacher_cfg)

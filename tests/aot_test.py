@@ -1,0 +1,68 @@
+"""rrt.aot: the real train step compiles ahead of time for TPU topologies on this CPU (needs libtpu importable)."""
+
+import importlib.util
+import os
+
+import pytest
+
+from rrt import aot
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not importable (pip install libtpu as pinned in requirements.txt): no TPU compiler",
+)
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _preset(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def test_topology_names():
+    assert aot.parse_topology("v5e-256") == ("v5e", "v5e:16x16")
+    assert aot.parse_topology("v6e-64") == ("v6e", "v6e:8x8")
+    assert aot.parse_topology("v4-64") == ("v4", "v4:2x4x4")
+    assert aot.parse_topology("v5p-128") == ("v5p", "v5p:4x4x4")
+    assert aot.parse_topology("v5e:2x4") == ("v5e", "v5e:2x4")
+    with pytest.raises(ValueError):
+        aot.parse_topology("v5e-100")
+
+
+def test_collectives_parse():
+    hlo = (
+        "%ag = bf16[4,8]{1,0} all-gather(bf16[1,8]{1,0} %p), dimensions={0}\n"
+        "%ars = (f32[16]{0}, f32[16]{0}) all-reduce-start(f32[16]{0} %x)\n"
+        "%ard = f32[16]{0} all-reduce-done((f32[16]{0}, f32[16]{0}) %ars)\n"
+    )
+    c = aot.collectives(hlo)
+    assert c["all-gather"] == {"count": 1, "bytes": 64.0}
+    assert c["all-reduce"] == {"count": 1, "bytes": 64.0}
+
+
+def test_tiny_compiles_for_v5e_2x2():
+    c = _preset("tiny")
+    r = aot.analyze(c, "v5e:2x2")
+    assert r["config"]["chips"] == 4 and r["fits"]
+    m = r["per_chip_bytes"]
+    assert 0 < m["params"] <= m["arguments"] and m["total"] < m["hbm"]
+    assert r["flops"]["xla_per_chip"] > 0 and r["flops"]["rrt_per_step"] > 0
+    assert "all-gather" in r["collectives"]  # fsdp over 4 chips gathers the parameters
+
+
+# (preset, the slice its docstring names)
+PODS = [
+    ("recursive_gemma_1b", "v5e-256"),
+    ("recursive_gemma_1b_relaxed", "v5e-256"),
+    ("recursive_pythia_1b", "v4-64"),
+    ("scratch_recursive_1b", "v5e-256"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,topology", PODS)
+def test_pod_presets_fit(preset, topology):
+    r = aot.analyze(_preset(preset), topology)
+    assert r["fits"], aot.table(r)
