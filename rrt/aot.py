@@ -314,6 +314,13 @@ def main(argv) -> None:
 
 
 def run():
+    if any(a in train._HELP for a in sys.argv[1:]):  # absl's --help exits 1 and, under a console script, shows nothing
+        print(__doc__)
+        print(flags.FLAGS.module_help(__name__))
+        return
+    from rrt import config as config_lib
+
+    config_lib.install_config_flag_resolution()  # --config <preset name> works from any directory
     app.run(main)
 
 
