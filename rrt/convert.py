@@ -263,23 +263,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from rrt import formats
     from rrt.formats import rrt_dir
-    from rrt.formats import tokenizer as tokenizer_lib
-
-    base, params = formats.load(args.source)
+    source = formats.resolve_source(args.source)  # "smollm2" -> the packaged GGUF
+    base, params = formats.load(source)
     if args.expand:
         cfg, full = expand(base, params)
         rrt_dir.save(
             args.out,
             cfg,
             full,
-            tokenizer=tokenizer_lib.load_tokenizer(args.source),
-            expanded_from=os.path.abspath(args.source),
+            tokenizer=formats.load_tokenizer(source),
+            expanded_from=os.path.abspath(source),
         )
         print(f"wrote the full-depth ({cfg.n_layers}-layer) equivalent of {args.source} to {args.out}")
         return 0
     rec = recursion_from_args(base, args)
     cfg = recursive_config(base, rec)  # validate before any work
-    conversion = {"source": os.path.abspath(args.source), "recursion": dataclasses.asdict(rec)}
+    conversion = {"source": os.path.abspath(source), "recursion": dataclasses.asdict(rec)}
     if rrt_dir.is_rrt_dir(args.out):
         if rrt_dir.read_meta(args.out).get("conversion") == conversion:
             print(f"{args.out} already holds this conversion; nothing to do")
@@ -288,7 +287,7 @@ def main(argv=None) -> int:
     if os.path.exists(args.out) and os.listdir(args.out):
         raise FileExistsError(f"{args.out} exists and is not empty; refusing to overwrite it")
     cfg, new_params, report = convert(base, params, rec)
-    tok = tokenizer_lib.load_tokenizer(args.source)
+    tok = formats.load_tokenizer(source)
     rrt_dir.save(args.out, cfg, new_params, tokenizer=tok, conversion=conversion, report=report)
     counts = report["params"]
     base_counts = model_lib.count_params(base)

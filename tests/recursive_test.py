@@ -265,6 +265,23 @@ def test_cli_writes_loads_and_refuses_to_overwrite(tmp_path, capsys):
         convert.main(["--source", str(src), "--out", str(tmp_path / "r2"), "--loops", "2", "--rank", "4096"])
 
 
+def test_cli_source_smollm2_names_the_packaged_model_for_weights_and_tokenizer(tmp_path, monkeypatch):
+    """`--source smollm2` (as the README shows) resolves to the packaged model for the weights AND the tokenizer;
+    here the packaged path is pointed at a small HF directory so the test stays fast."""
+    from rrt.formats import gguf, tokenizer
+
+    src = tmp_path / "hf"
+    llama_hf(layers=2).save_pretrained(src)
+    tokenizer.load_tokenizer(gguf.smollm2_gguf_path()).save(str(src))
+    monkeypatch.setattr(gguf, "smollm2_gguf_path", lambda: str(src))
+    out = tmp_path / "rec"
+    assert convert.main(["--source", "smollm2", "--out", str(out), "--loops", "2"]) == 0
+    meta = json.loads((out / "rrt_model.json").read_text())
+    assert meta["conversion"]["source"] == str(src)
+    assert formats.load(str(out))[0].n_loops == 2
+    assert formats.load_tokenizer(str(out)).vocab_size == formats.load_tokenizer(str(src)).vocab_size
+
+
 def test_convert_cli_bad_out_and_negative_rank_say_what_is_wrong(tmp_path, capsys):
     a_file = tmp_path / "model.bin"
     a_file.write_bytes(b"data")
