@@ -221,7 +221,13 @@ def get_config() -> config_dict.ConfigDict:
     c.recursion.rank_attn = 0  # LoRA rank on q, k, v, o (0: strict recursion); -1: full rank
     c.recursion.rank_mlp = 0  # LoRA rank on gate, up, down; -1: full rank
     c.recursion.alpha = 0.0  # LoRA scale alpha / r; 0: alpha = r
-    c.recursion.lora_init = "svd"  # svd (truncated SVD of each position's residual) | zero
+    # asvd: best rank-r fit of each position's residual in the norm of the inputs it sees in the original model
+    # (calibrated; see rrt/convert.py) | svd: best fit of the weights | zero: b = 0 (starts as the strict model)
+    c.recursion.lora_init = "asvd"
+    c.recursion.calib_data = ""  # asvd: text/JSONL glob(s) to calibrate on; "" : the training data (train splits)
+    c.recursion.calib_tokens = 16384  # asvd: calibration tokens (whole rows)
+    c.recursion.calib_seq_len = 0  # asvd: tokens per calibration row (0: data.seq_len)
+    c.recursion.damping = 0.01  # asvd: C + damping * mean(diag C) I
     c.recursion.per_position_norms = "auto"  # auto (on when relaxed) | true | false
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters and optimizer state stay float32)
     c.remat = "none"  # none | full | dots (save matmul outputs, recompute the rest)

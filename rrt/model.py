@@ -347,10 +347,30 @@ def _write_cache(cache_BxSxGxH: jax.Array, new_BxTxGxH: jax.Array, start_B: jax.
     )
 
 
-def block(cfg: ModelConfig, w: dict, x_BxTxD, positions_BxT, segment_ids_BxT=None, cache: dict | None = None):
+# The inputs the projections see, by the group of projections that share them (what `block` records in `taps`).
+TAPS = {"attn_in": ("q", "k", "v"), "o_in": ("o",), "mlp_in": ("gate", "up"), "down_in": ("down",)}
+
+
+def tap_of(proj: str) -> str:
+    """The name of the input that projection `proj` sees (a key of TAPS)."""
+    return next(t for t, projs in TAPS.items() if proj in projs)
+
+
+def block(
+    cfg: ModelConfig,
+    w: dict,
+    x_BxTxD,
+    positions_BxT,
+    segment_ids_BxT=None,
+    cache: dict | None = None,
+    taps: dict | None = None,
+):
     """One transformer block. `w` holds this position's weights: the shared layer's, its norms, its LoRA factors
     (`<proj>_a`, `<proj>_b`, optionally with a leading per-example axis, or stacked [G, ...] and selected per
-    example by a one-hot `lora_group` [B, G]: see `lora.delta`). Returns (x, updated cache entry)."""
+    example by a one-hot `lora_group` [B, G]: see `lora.delta`). Returns (x, updated cache entry).
+    `taps` (a dict, filled in place within the caller's trace) receives the input of every projection group (see
+    TAPS): the normed attention input, the attention output before `o`, the normed MLP input, `down`'s input."""
+    taps = {} if taps is None else taps
     b, t, _ = x_BxTxD.shape
     dtype = x_BxTxD.dtype
 
@@ -360,6 +380,7 @@ def block(cfg: ModelConfig, w: dict, x_BxTxD, positions_BxT, segment_ids_BxT=Non
         return lora.wrap(base, factors, cfg.lora_scale(name))
 
     def attention(h):
+        taps["attn_in"] = h
         q = rope(cfg, proj("q")(h).reshape(b, t, cfg.n_heads, cfg.head_dim), positions_BxT)
         k = rope(cfg, proj("k")(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim), positions_BxT)
         v = proj("v")(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
@@ -374,11 +395,14 @@ def block(cfg: ModelConfig, w: dict, x_BxTxD, positions_BxT, segment_ids_BxT=Non
             k, v = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
             mask = jnp.arange(k.shape[1])[None, None, :] <= positions_BxT[:, :, None]
         out = attend(q, k, v, mask).reshape(b, t, cfg.n_heads * cfg.head_dim)
+        taps["o_in"] = out
         return proj("o")(out), new_cache
 
     def mlp(h):
+        taps["mlp_in"] = h
         up = proj("up")(h)
         hidden = _act(cfg, proj("gate")(h)) * up if cfg.gated_mlp else _act(cfg, up)
+        taps["down_in"] = hidden
         return proj("down")(hidden)
 
     attn_out, new_cache = attention(norm(cfg, x_BxTxD, w["attn_norm"], w.get("attn_norm_bias")))

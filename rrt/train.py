@@ -184,6 +184,7 @@ def recursion_from_config(c: config_dict.ConfigDict, base: model_lib.ModelConfig
         alpha=c.alpha,
         lora_init=c.lora_init,
         per_position_norms=ppn,
+        damping=c.damping,
     )
 
 
@@ -250,6 +251,32 @@ def model_config(c: config_dict.ConfigDict, base: model_lib.ModelConfig | None):
     return dataclasses.replace(cfg, dtype=c.dtype, remat=c.remat), rec
 
 
+CALIBRATION_FIELDS = ("calib_data", "calib_tokens", "calib_seq_len", "damping")
+
+
+def calibration(c: config_dict.ConfigDict, workdir: str, tokenizer, mesh):
+    """The asvd calibration rows: `recursion.calib_data`, else the training data's sources (train splits), in
+    rows of `recursion.calib_seq_len` (else data.seq_len), a whole number of batches that the mesh divides."""
+    from rrt import calibrate
+    from rrt.data import documents
+
+    r = c.recursion
+    if r.calib_data:
+        sources = [documents.SourceConfig(kind="files", glob=r.calib_data)]
+    else:
+        sources = list(data_config(c, workdir).sources)
+    seq_len = r.calib_seq_len or c.data.seq_len
+    batch = calibration_batch(mesh)
+    rows = -(-r.calib_tokens // (seq_len * batch)) * batch
+    return calibrate.calibration_rows(sources, tokenizer, rows * seq_len, seq_len, seed=c.data.seed), batch
+
+
+def calibration_batch(mesh, rows: int = 8) -> int:
+    """Rows per calibration forward: a multiple of the mesh's batch axes, at least `rows`."""
+    n = math.prod(mesh.shape[a] for a in sharding_lib.RULES["batch"])
+    return -(-rows // n) * n
+
+
 def recursion_disagreements(r: config_dict.ConfigDict, src: model_lib.ModelConfig) -> list[str]:
     """The config.recursion fields that neither keep the base config's default nor agree with `src`, a model that
     is recursive already (an rrt directory written by rrt.convert, or a training workdir): trained as it is."""
@@ -265,6 +292,7 @@ def recursion_disagreements(r: config_dict.ConfigDict, src: model_lib.ModelConfi
         "per_position_norms": (ppn is None or ppn == src.per_position_norms, f"{src.per_position_norms}"),
         "init": (False, "no conversion: it is converted already"),
         "lora_init": (False, "no conversion: it is converted already"),
+        **{k: (False, "no conversion: it is converted already") for k in CALIBRATION_FIELDS},
     }
     return [f"recursion.{k}={r[k]!r} ({why})" for k, (ok, why) in have.items() if not ok and r[k] != defaults[k]]
 
@@ -304,7 +332,10 @@ def build_model(c, workdir: str):
         meta = rrt_dir.read_meta(workdir)
         stored = model_lib.ModelConfig.from_dict(meta["model"])
         strip = lambda m: dataclasses.replace(m, dtype="float32", remat="none")  # noqa: E731
-        if strip(stored) != strip(cfg) or meta.get("conversion") != conversion:
+        stored_conversion = meta.get("conversion")
+        if isinstance(stored_conversion, dict):  # its asvd calibration record is checked where it is computed
+            stored_conversion = {k: v for k, v in stored_conversion.items() if k != "calibration"}
+        if strip(stored) != strip(cfg) or stored_conversion != conversion:
             raise ValueError(
                 f"{workdir} holds a run of a different model or conversion ({meta_path}); use a new --workdir"
             )
@@ -461,6 +492,16 @@ def main(argv) -> None:
     from rrt.data import pipeline
 
     formats.check_vocab(tokenizer, cfg, tokenizer_source)
+    calib = None
+    if rec is not None and rec.needs_calibration and latest is None:  # asvd: rows now, their record in the meta
+        calib, calib_batch = calibration(c, workdir, tokenizer, mesh)
+        conversion = {**conversion, "calibration": calib.record}
+        stored = rrt_dir.read_meta(workdir).get("conversion") if os.path.exists(os.path.join(workdir, rrt_dir.META)) else None
+        if stored is not None and stored.get("calibration") != calib.record:
+            raise ValueError(
+                f"{workdir} was started with other asvd calibration data ({rrt_dir.META}: calibration); "
+                "use a new --workdir or the same recursion.calib_* settings"
+            )
     if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, rrt_dir.META)):
         tokenizer.save(os.path.join(workdir, "tokenizer"))
         with open(os.path.join(workdir, rrt_dir.META), "w") as f:
@@ -480,7 +521,19 @@ def main(argv) -> None:
         _log(f"resumed from step {step} of {workdir}")
     else:
         if rec is not None:
-            _, flat, report = convert_lib.convert(base, base_params, rec, progress=jax.process_index() == 0)
+            moments = None
+            if calib is not None:
+                from rrt import calibrate
+
+                t0 = time.perf_counter()
+                moments = calibrate.collect_moments(
+                    base, base_params, calib, batch_size=calib_batch, mesh=mesh, progress=jax.process_index() == 0
+                )
+                _log(f"calibrated asvd LoRA init on {calib.record['tokens']:,} tokens in {time.perf_counter() - t0:.1f} s")
+            _, flat, report = convert_lib.convert(
+                base, base_params, rec, progress=jax.process_index() == 0, moments=moments
+            )
+            del moments
             _log(
                 f"converted {c.source} -> {cfg.n_shared} x {cfg.n_loops} ({rec.strategy}, {rec.init}): "
                 f"{report['params']}"
