@@ -15,7 +15,7 @@ import os
 
 import sentencepiece
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors
 
 META = "rrt_tokenizer.json"
 HF_JSON = "tokenizer.json"
@@ -185,3 +185,55 @@ def load_tokenizer(source: str) -> Tokenizer:
     if os.path.isdir(source):
         return from_hf_dir(source)
     raise FileNotFoundError(f"{source}: not a .gguf file, a Hugging Face directory or an rrt checkpoint directory")
+
+
+# Hugging Face tokenizer classes for a sentencepiece model, by HF model_type (a tokenizer.json needs no class).
+HF_SP_CLASSES = {"llama": "LlamaTokenizer", "gemma": "GemmaTokenizer"}
+
+
+def save_hf(tok: Tokenizer, path: str, model_type: str, max_length: int | None = None) -> list[str]:
+    """Writes `tok` as transformers reads it: tokenizer.json (or tokenizer.model), tokenizer_config.json and
+    special_tokens_map.json, with the bos / eos tokens and the add_bos / add_eos flags. For a tokenizer.json the
+    post-processor is also set to add exactly the flagged tokens, so readers that ignore the flags (older
+    transformers, tokenizers itself) agree. Returns the file names."""
+    os.makedirs(path, exist_ok=True)
+    text = lambda i: None if i is None else (tok.backend.id_to_piece(i) if tok._sp else tok.backend.id_to_token(i))  # noqa: E731
+    bos, eos = text(tok.bos_id), text(tok.eos_id)
+    if tok._sp:
+        if model_type not in HF_SP_CLASSES:
+            raise ValueError(f"no Hugging Face tokenizer class for a sentencepiece model of a {model_type!r} model")
+        files = [SP_MODEL]
+        with open(os.path.join(path, SP_MODEL), "wb") as f:
+            f.write(tok.backend.serialized_model_proto())
+        klass = HF_SP_CLASSES[model_type]
+    else:
+        backend = tokenizers.Tokenizer.from_str(tok.backend.to_str())  # a copy: rrt's own tokenizer stays as it is
+        if (tok.add_bos and bos is None) or (tok.add_eos and eos is None):
+            raise ValueError("the tokenizer adds a BOS / EOS token it has no id for")
+        single = " ".join([f"{bos}:0"] * tok.add_bos + ["$A:0"] + [f"{eos}:0"] * tok.add_eos)
+        pair = single + " " + " ".join([f"{bos}:1"] * tok.add_bos + ["$B:1"] + [f"{eos}:1"] * tok.add_eos)
+        special = [(t, i) for t, i, on in ((bos, tok.bos_id, tok.add_bos), (eos, tok.eos_id, tok.add_eos)) if on]
+        plain, full = backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids
+        wanted = [tok.bos_id] * tok.add_bos + plain + [tok.eos_id] * tok.add_eos
+        if full != wanted:  # the post-processor disagrees with the flags: make it add what they say
+            backend.post_processor = processors.TemplateProcessing(
+                single=single, pair=pair, special_tokens=list(dict(special).items())
+            )
+        files = [HF_JSON]
+        backend.save(os.path.join(path, HF_JSON))
+        klass = "PreTrainedTokenizerFast"
+    specials = {k: v for k, v in (("bos_token", bos), ("eos_token", eos)) if v is not None}
+    config = {
+        "tokenizer_class": klass,
+        **specials,
+        "add_bos_token": tok.add_bos,
+        "add_eos_token": tok.add_eos,
+        "clean_up_tokenization_spaces": False,  # rrt decodes without it
+    }
+    if max_length:
+        config["model_max_length"] = int(max_length)
+    for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(data, f, indent=2)
+        files.append(name)
+    return files
