@@ -129,6 +129,12 @@ def collect_moments(
     placed by the sharding rules table, the rows over (data, fsdp), the accumulator over its input axis."""
     if cfg.n_loops != 1 or cfg.relaxed:
         raise ValueError("calibration runs the ORIGINAL full-depth model (n_loops=1, no LoRA)")
+    top = int(calib.tokens.max(initial=0))
+    if top >= cfg.vocab_size or int(calib.tokens.min(initial=0)) < 0:
+        raise ValueError(
+            f"calibration token id {top} is outside the model's vocabulary of {cfg.vocab_size}: the calibration "
+            "data was tokenized with another tokenizer than the model's"
+        )
     dims = {model_lib.tap_of(p): d_in for p, (d_in, _) in cfg.projections().items()}
     cfg = dataclasses.replace(cfg, dtype="float32", remat="none")
     graphdef, abstract_state = nnx.split(model_lib.abstract(cfg))

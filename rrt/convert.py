@@ -401,6 +401,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from rrt import formats
     from rrt.formats import rrt_dir
+
     source = formats.resolve_source(args.source)  # "smollm2" -> the packaged GGUF
     base, params = formats.load(source)
     if args.expand:

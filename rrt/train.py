@@ -496,7 +496,11 @@ def main(argv) -> None:
     if rec is not None and rec.needs_calibration and latest is None:  # asvd: rows now, their record in the meta
         calib, calib_batch = calibration(c, workdir, tokenizer, mesh)
         conversion = {**conversion, "calibration": calib.record}
-        stored = rrt_dir.read_meta(workdir).get("conversion") if os.path.exists(os.path.join(workdir, rrt_dir.META)) else None
+        stored = (
+            rrt_dir.read_meta(workdir).get("conversion")
+            if os.path.exists(os.path.join(workdir, rrt_dir.META))
+            else None
+        )
         if stored is not None and stored.get("calibration") != calib.record:
             raise ValueError(
                 f"{workdir} was started with other asvd calibration data ({rrt_dir.META}: calibration); "
@@ -529,7 +533,10 @@ def main(argv) -> None:
                 moments = calibrate.collect_moments(
                     base, base_params, calib, batch_size=calib_batch, mesh=mesh, progress=jax.process_index() == 0
                 )
-                _log(f"calibrated asvd LoRA init on {calib.record['tokens']:,} tokens in {time.perf_counter() - t0:.1f} s")
+                _log(
+                    f"calibrated the asvd LoRA init on {calib.record['tokens']:,} tokens "
+                    f"in {time.perf_counter() - t0:.1f} s"
+                )
             _, flat, report = convert_lib.convert(
                 base, base_params, rec, progress=jax.process_index() == 0, moments=moments
             )
