@@ -1,11 +1,15 @@
-"""Held-out perplexity of SmolLM2-135M converted to 15 x 2 recursive models, without any uptraining.
+"""SmolLM2-135M converted to 15 x 2 recursive models, without any uptraining: held-out perplexity and top-1
+agreement with the original, for every init and for the LoRA inits svd and asvd.
 
     .venv/bin/python docs/conversion_table.py --out docs   # writes docs/CONVERSION.md and docs/conversion_rank.png
 
 Rows: the original; CYCLE and SEQUENCE x {stepwise, average, lower, upper, random} at rank 0 (strict recursion);
-CYCLE average and stepwise at ranks {8, 64, 256, full} (relaxed; per-position norms; SVD init). Perplexity is
-rrt.eval.perplexity's definition on the held-out tails (last 10% of documents) of TinyStories and Tiny Shakespeare,
-the first --windows windows of 256 tokens of each.
+CYCLE {average, stepwise} x ranks {16, 64, 128, 256, full} x LoRA init {svd, asvd} (relaxed; per-position norms);
+then asvd average rank 64 with other numbers of calibration tokens. Perplexity is rrt.eval.perplexity's
+definition (checked against it on the original) on the held-out tails (last 10% of documents) of TinyStories and
+Tiny Shakespeare, the first --windows windows of 256 tokens of each; top-1 agreement is the fraction of those
+scored positions where the converted model's argmax equals the original's. asvd calibrates on rrt.convert's
+default data: the same two corpora WITHOUT their held-out tails (disjoint from the scored text).
 """
 
 import argparse
@@ -14,7 +18,12 @@ import os
 import sys
 import time
 
-from rrt import convert, formats
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rrt import calibrate, convert, formats
 from rrt import model as model_lib
 from rrt.data import documents
 from rrt.eval import perplexity
@@ -25,6 +34,31 @@ CORPORA = {
     "TinyStories": "../shared/data/corpora/tinystories_val.txt",
     "Shakespeare": "../shared/data/corpora/tinyshakespeare.txt",
 }
+RANKS = (16, 64, 128, 256, "full")
+CALIB_SWEEP = (2048, 8192, 32768)  # besides the table's --calib_tokens
+
+
+def stats(cfg, params, windows: dict, original_top1: dict | None) -> tuple[dict, dict, dict]:
+    """(perplexity, top-1 agreement with `original_top1`, this model's top-1) per corpus."""
+    graphdef, state = nnx.split(model_lib.from_params(cfg, params))
+
+    @jax.jit
+    def fwd(state, w_BxT):
+        logits = nnx.merge(graphdef, state)(w_BxT[:, :-1])
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, w_BxT[:, 1:, None], axis=-1)[..., 0]
+        return nll.sum(), jnp.argmax(logits, axis=-1)
+
+    ppl, agree, top1 = {}, {}, {}
+    for name, w in windows.items():
+        nll, tops = 0.0, []
+        for i in range(0, len(w), 4):
+            n, t = fwd(state, jnp.asarray(w[i : i + 4]))
+            nll, tops = nll + float(n), tops + [np.asarray(t)]
+        top1[name] = np.concatenate(tops)
+        ppl[name] = math.exp(nll / top1[name].size)
+        agree[name] = float(np.mean(top1[name] == original_top1[name])) if original_top1 else 1.0
+    return ppl, agree, top1
 
 
 def main(argv=None) -> int:
@@ -32,6 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs")
     p.add_argument("--windows", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--calib_tokens", type=int, default=16384)
     args = p.parse_args(argv)
     src = gguf.smollm2_gguf_path()
     tok = tokenizer_lib.load_tokenizer(src)
@@ -39,51 +74,137 @@ def main(argv=None) -> int:
         name: tok.encode(documents.heldout_text(path, 0.1))[: args.windows * args.seq_len]
         for name, path in CORPORA.items()
     }
+    windows = {n: perplexity.windows(x, args.seq_len) for n, x in ids.items()}
     base, params = formats.load(src)
     full_attn, full_mlp = convert.full_rank(base)
 
-    def score(cfg, p):
-        m = model_lib.from_params(cfg, p)
-        return {
-            n: perplexity.perplexity(m, x, args.seq_len, batch_size=4, progress=False)["ppl"] for n, x in ids.items()
-        }
-
-    rows = [("original (30 layers)", "-", "-", "-", model_lib.count_params(base), score(base, params))]
+    ppl0, _, top1 = stats(base, params, windows, None)
+    check = perplexity.perplexity(model_lib.from_params(base, params), ids["TinyStories"], args.seq_len, 4, False)
+    assert abs(check["ppl"] / ppl0["TinyStories"] - 1) < 1e-4, (check["ppl"], ppl0)
+    rows = [
+        dict(
+            strategy="original (30 layers)",
+            init="-",
+            rank="-",
+            lora_init="-",
+            counts=model_lib.count_params(base),
+            ppl=ppl0,
+            agree={n: 1.0 for n in CORPORA},
+            seconds=0.0,
+        )
+    ]
     print(rows[-1], flush=True)
-    runs = [(s, i, 0) for s in model_lib.STRATEGIES for i in convert.INITS]
-    runs += [("cycle", i, r) for i in ("average", "stepwise") for r in (8, 64, 256, "full")]
-    for strategy, init, rank in runs:
-        t0 = time.time()
+
+    calib_cache = {}
+
+    def moments(n_tokens):
+        if n_tokens not in calib_cache:
+            t0 = time.perf_counter()
+            rows_ = calibrate.calibration_rows(convert.calibration_sources(""), tok, n_tokens, args.seq_len)
+            calib_cache[n_tokens] = (
+                calibrate.collect_moments(base, params, rows_, progress=False),
+                time.perf_counter() - t0,
+            )
+            print(f"calibration on {n_tokens} tokens: {calib_cache[n_tokens][1]:.1f} s", flush=True)
+        return calib_cache[n_tokens]
+
+    runs = [(s, i, 0, "-", 0) for s in model_lib.STRATEGIES for i in convert.INITS]
+    runs += [
+        ("cycle", i, r, li, args.calib_tokens) for i in ("average", "stepwise") for r in RANKS for li in ("svd", "asvd")
+    ]
+    runs += [("cycle", "average", 64, "asvd", n) for n in CALIB_SWEEP]
+    for strategy, init, rank, lora_init, n_calib in runs:
         ra, rm = (full_attn, full_mlp) if rank == "full" else (rank, rank)
-        rec = convert.Recursion(loops=2, strategy=strategy, init=init, rank_attn=ra, rank_mlp=rm)
-        cfg, new, _ = convert.convert(base, params, rec, progress=False)
-        rows.append((strategy, init, str(rank), "", model_lib.count_params(cfg), score(cfg, new)))
-        print(rows[-1], f"{time.time() - t0:.0f}s", flush=True)
+        m, calib_s = moments(n_calib) if lora_init == "asvd" else (None, 0.0)
+        rec = convert.Recursion(
+            loops=2,
+            strategy=strategy,
+            init=init,
+            rank_attn=ra,
+            rank_mlp=rm,
+            lora_init="svd" if lora_init == "-" else lora_init,
+        )
+        t0 = time.perf_counter()
+        cfg, new, _ = convert.convert(base, params, rec, progress=False, moments=m)
+        seconds = time.perf_counter() - t0
+        ppl, agree, _ = stats(cfg, new, windows, top1)
+        rows.append(
+            dict(
+                strategy=strategy,
+                init=init,
+                rank=str(rank),
+                lora_init=lora_init,
+                counts=model_lib.count_params(cfg),
+                ppl=ppl,
+                agree=agree,
+                seconds=seconds,
+                calib_tokens=n_calib,
+                calib_seconds=calib_s,
+            )
+        )
+        print({k: v for k, v in rows[-1].items() if k != "counts"}, flush=True)
         render(rows, args, argv, planned=len(runs) + 1)
     return 0
 
 
+def _fmt(x: float) -> str:
+    return f"{x:.2f}" if x < 1e5 else f"{x:.3g}"
+
+
 def render(rows, args, argv, planned: int) -> None:
     """Writes CONVERSION.md and the plot from the rows measured so far (a stopped run leaves a valid, marked table)."""
+    main_rows = [r for r in rows if r.get("calib_tokens", args.calib_tokens) in (0, args.calib_tokens)]
     lines = [
         "# SmolLM2-135M as a 15 x 2 recursive model, before uptraining",
         "",
         f"Command: `{' '.join(['.venv/bin/python', 'docs/conversion_table.py'] + (argv or sys.argv[1:]))}`",
         "",
-        f"Held-out perplexity (first {args.windows} windows of {args.seq_len} tokens of the last 10% of each corpus; "
-        "no uptraining). Relaxed rows keep per-position norms and use SVD init (alpha = r). 'full' is rank 576 on "
-        "attention (k, v capped at 192) and 576 on the MLP.",
+        f"Held-out perplexity and top-1 agreement with the original (first {args.windows} windows of "
+        f"{args.seq_len} tokens of the last 10% of each corpus; no uptraining). Relaxed rows keep per-position norms, "
+        "alpha = r. 'full' is rank 576 on attention (k, v capped at 192) and 576 on the MLP. LoRA init `svd` is the "
+        "best rank-r fit of each residual's weights; `asvd` the best fit in the norm of the inputs each projection "
+        f"sees in the original model, calibrated on {args.calib_tokens:,} tokens of the same corpora's training "
+        "parts (disjoint from the scored tails; damping 0.01; rrt.convert's defaults). 'convert s' is the "
+        "factorisation time on this machine (2 cores, other jobs running), calibration not included.",
         "",
-        "| strategy | init | rank | params (total) | LoRA params | " + " | ".join(f"ppl {n}" for n in CORPORA) + " |",
-        "|---|---|---|---|---|" + "---|" * len(CORPORA),
+        "| strategy | init | rank | LoRA init | params (total) | LoRA params | "
+        + " | ".join(f"ppl {n}" for n in CORPORA)
+        + " | top-1 agreement | convert s |",
+        "|---|---|---|---|---|---|" + "---|" * len(CORPORA) + "---|---|",
     ]
-    for strategy, init, rank, _, counts, ppl in rows:
-        cells = [strategy, init, rank, f"{counts['total'] / 1e6:.1f}M", f"{counts['lora'] / 1e6:.1f}M"]
-        cells += [f"{ppl[n]:.2f}" if ppl[n] < 1e5 else f"{ppl[n]:.3g}" for n in CORPORA]
+    for r in main_rows:
+        counts = r["counts"]
+        cells = [
+            r["strategy"],
+            r["init"],
+            r["rank"],
+            r["lora_init"],
+            f"{counts['total'] / 1e6:.1f}M",
+            f"{counts['lora'] / 1e6:.1f}M",
+        ]
+        cells += [_fmt(r["ppl"][n]) for n in CORPORA]
+        cells += [f"{100 * np.mean(list(r['agree'].values())):.1f}%", f"{r['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    sweep = [r for r in rows if r["lora_init"] == "asvd" and r["init"] == "average" and r["rank"] == "64"]
+    if sweep:
+        lines += [
+            "",
+            "## asvd: calibration tokens (CYCLE, average init, rank 64)",
+            "",
+            "Calibration cost is the forward of the original 30-layer model over the tokens plus the moment "
+            "accumulation, on this machine.",
+            "",
+            "| calibration tokens | calibration s | "
+            + " | ".join(f"ppl {n}" for n in CORPORA)
+            + " | top-1 agreement |",
+            "|---|---|" + "---|" * len(CORPORA) + "---|",
+        ]
+        for r in sorted(sweep, key=lambda r: r["calib_tokens"]):
+            cells = [f"{r['calib_tokens']:,}", f"{r['calib_seconds']:.0f}"] + [_fmt(r["ppl"][n]) for n in CORPORA]
+            lines.append("| " + " | ".join(cells + [f"{100 * np.mean(list(r['agree'].values())):.1f}%"]) + " |")
     os.makedirs(args.out, exist_ok=True)
     plot_path = os.path.join(args.out, "conversion_rank.png")
-    _plot(rows, plot_path)
+    _plot(main_rows, plot_path)
     lines += ["", f"![perplexity against rank]({os.path.basename(plot_path)})", ""]
     if len(rows) < planned:
         lines += [f"**Partial: {len(rows)} of {planned} rows measured; rerun the command for the rest.**", ""]
@@ -97,30 +218,30 @@ def _plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    original = rows[0][5]
-    fig, axes = plt.subplots(1, len(CORPORA), figsize=(10, 4))
+    original = rows[0]["ppl"]
+    fig, axes = plt.subplots(1, len(CORPORA), figsize=(11, 4.2))
     for ax, corpus in zip(axes, CORPORA):
-        for init in ("average", "stepwise"):
-            pts = [(0, r[5][corpus]) for r in rows if r[:3] == ("cycle", init, "0")]
-            pts += [
-                (576 if r[2] == "full" else int(r[2]), r[5][corpus])
-                for r in rows
-                if r[0] == "cycle" and r[1] == init and r[2] not in ("0", "-")
-            ]
-            xs = [max(x, 1) for x, _ in pts]
-            ax.plot(xs, [y for _, y in pts], "o-", label=f"{init} init")
-        ax.axhline(original[corpus], color="k", ls="--", label="original 30 layers")
+        for c, init in enumerate(("average", "stepwise")):
+            strict = [r["ppl"][corpus] for r in rows if (r["strategy"], r["init"], r["rank"]) == ("cycle", init, "0")]
+            for lora_init, style in (("svd", "o--"), ("asvd", "s-")):
+                pts = [(1, y) for y in strict] + [
+                    (576 if r["rank"] == "full" else int(r["rank"]), r["ppl"][corpus])
+                    for r in rows
+                    if r["strategy"] == "cycle" and r["init"] == init and r["lora_init"] == lora_init
+                ]
+                ax.plot([x for x, _ in pts], [y for _, y in pts], style, color=f"C{c}", label=f"{init}, {lora_init}")
+        ax.axhline(original[corpus], color="k", ls=":", label="original 30 layers")
         ax.set(
             xscale="log",
             yscale="log",
-            xlabel="LoRA rank (0 plotted at 1; full = 576)",
+            xlabel="LoRA rank (strict plotted at 1; full = 576)",
             ylabel="perplexity",
-            title=f"{corpus} held-out",
+            title=f"{corpus} held-out, before uptraining",
         )
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    assert all(math.isfinite(v) for r in rows for v in r[5].values())
+    assert all(math.isfinite(v) for r in rows for v in r["ppl"].values())
 
 
 if __name__ == "__main__":

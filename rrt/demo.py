@@ -2,8 +2,8 @@
 
 1. evaluates the original 30-layer SmolLM2-135M (held-out perplexity of TinyStories and Shakespeare tails, a few
    few-shot tasks);
-2. converts it into a relaxed recursive 15 x 2 model (configs/smollm2_demo.py: Average init, rank-64 SVD LoRA) and
-   evaluates that, after each loop;
+2. converts it into a relaxed recursive 15 x 2 model (configs/smollm2_demo.py: Average init, rank-64 LoRA with the
+   calibrated asvd init, as rrt.train converts it) and evaluates that, after each loop;
 3. uptrains it with `python -m rrt.train --config configs/smollm2_demo.py` (rerunning resumes) and evaluates it;
 4. prints a comparison table and saves plots (loss curves; per-loop perplexity) and results.json in --out.
 """
@@ -105,7 +105,7 @@ def plot(results: dict, metrics_path: str, out: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from rrt import config, convert, formats, train
+    from rrt import config, formats, train
     from rrt import model as model_lib
     from rrt.eval import heldout
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         "the original", model_lib.from_params(base_cfg, base_params), tokenizer, texts, spec
     )
     rec = train.recursion_from_config(c.recursion, base_cfg)
-    cfg, params, report = convert.convert(base_cfg, base_params, rec)
+    cfg, params, report = train.convert_calibrated(c, base_cfg, base_params, rec, tokenizer)  # as rrt.train does
     print(f"[demo] converted: {report['params']}", flush=True)
     results["converted 15x2 r64"] = evaluate(
         "the converted model", model_lib.from_params(cfg, params), tokenizer, texts, spec

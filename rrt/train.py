@@ -271,6 +271,21 @@ def calibration(c: config_dict.ConfigDict, workdir: str, tokenizer, mesh):
     return calibrate.calibration_rows(sources, tokenizer, rows * seq_len, seq_len, seed=c.data.seed), batch
 
 
+def convert_calibrated(c, base, base_params, rec, tokenizer, mesh=None, progress: bool = True):
+    """(recursive config, flat params, report) as `rrt.train` converts its source, asvd calibration included
+    (report["calibration"]: its record, or None): the demo and the reproduction evaluate exactly this model."""
+    from rrt import calibrate
+
+    moments, record = None, None
+    if rec.needs_calibration:
+        mesh = mesh if mesh is not None else sharding_lib.make_mesh(tuple(c.mesh))
+        calib, batch = calibration(c, "", tokenizer, mesh)
+        moments = calibrate.collect_moments(base, base_params, calib, batch_size=batch, mesh=mesh, progress=progress)
+        record = calib.record
+    cfg, flat, report = convert_lib.convert(base, base_params, rec, progress=progress, moments=moments)
+    return cfg, flat, {**report, "calibration": record}
+
+
 def calibration_batch(mesh, rows: int = 8) -> int:
     """Rows per calibration forward: a multiple of the mesh's batch axes, at least `rows`."""
     n = math.prod(mesh.shape[a] for a in sharding_lib.RULES["batch"])

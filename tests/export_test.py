@@ -87,7 +87,7 @@ def relaxed_recursive(hf_model, tok, root) -> str:
     src, rec, perturbed = (str(root / n) for n in ("hf", "rec", "perturbed"))
     hf_model.save_pretrained(src)
     tok.save(src)
-    assert convert.main(["--source", src, "--out", rec, "--loops", "2", "--rank", "3"]) == 0
+    assert convert.main(["--source", src, "--out", rec, "--loops", "2", "--rank", "3", "--lora_init", "svd"]) == 0
     cfg, params = rrt_dir.load(rec)
     assert cfg.n_loops == 2 and cfg.relaxed and cfg.per_position_norms
     rng = np.random.default_rng(0)

@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def overrides_of(v: reproduce.Variant) -> dict[str, str]:
 def test_variants_cover_the_issue():
     vs = {v.name: v for v in reproduce.variants("average")}
     o = {n: overrides_of(v) for n, v in vs.items()}
-    assert len(vs) == 15 and len(set(vs)) == 15
+    assert len(vs) == 18 and len(set(vs)) == 18
     assert o["original"]["recursion.loops"] == "1"
     strict = {n for n, x in o.items() if x["recursion.loops"] == "2" and x["recursion.rank_attn"] == "0"}
     cycle_inits = {o[n]["recursion.init"] for n in strict if o[n]["recursion.strategy"] == "cycle"}
@@ -47,7 +48,7 @@ def test_variants_cover_the_issue():
         for x in o.values()
         if x["recursion.rank_attn"] != "0" and x["recursion.init"] == "average" and "loss.exit_weight" not in x
     }
-    assert relaxed == {(str(r), i) for r in (16, 64, 256) for i in ("svd", "zero")}
+    assert relaxed == {(str(r), i) for r in (16, 64, 256) for i in ("asvd", "svd", "zero")}
     assert all(x["recursion.rank_attn"] == x["recursion.rank_mlp"] for x in o.values())
     # distillation and early exit: each against the same variant without it (its before_of)
     for name, loss in (("strict_stepwise_kd", "loss.kd_weight"), ("relaxed_avg_r64_svd_exit", "loss.exit_weight")):
@@ -77,7 +78,7 @@ def test_dry_run_prints_the_exact_commands(tmp_path):
     out = tmp_path / "r"
     lines = dry_run("--out", str(out))
     cmds = commands(lines)
-    assert len(cmds) == 15
+    assert len(cmds) == 18
     assert "12,288 tokens per run" in lines[0]
     for v, argv in zip(reproduce.variants(), cmds):
         assert argv[:7] == [
@@ -178,6 +179,7 @@ def test_claims_follow_the_numbers():
         "relaxed_avg_r16_svd": 1.9, "relaxed_avg_r64_svd": 1.8, "relaxed_avg_r256_svd": 1.7,
         "relaxed_avg_r16_zero": 2.1, "relaxed_avg_r64_zero": 2.05, "relaxed_avg_r256_zero": 2.0,
         "relaxed_step_r64_svd": 1.85, "strict_stepwise_kd": 1.95, "relaxed_avg_r64_svd_exit": 1.81,
+        "relaxed_avg_r16_asvd": 1.85, "relaxed_avg_r64_asvd": 1.75, "relaxed_avg_r256_asvd": 1.65,
     }  # fmt: skip
     results = results_with(good)
     for res in results["relaxed_avg_r64_svd_exit"].after["perplexity"].values():
@@ -196,6 +198,41 @@ def test_claims_follow_the_numbers():
     assert {c.verdict for c in empty} == {"not measured"}
 
 
+def with_windows(results: dict, spread: float, seed: int = 0) -> dict:
+    """Per-window NLLs around each stored mean (their mean is the stored NLL): what rrt.eval.perplexity stores.
+    Every model gets the same window difficulties (shared) plus its own noise of `spread`."""
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal(16)
+    for r in results.values():
+        for data in (r.before, r.after):
+            for res in data["perplexity"].values():
+                for row in [res] + res["per_loop"]:
+                    own = spread * rng.standard_normal(16)
+                    w = row["nll"] + 0.5 * shared + own
+                    row["window_nll"] = list(w - w.mean() + row["nll"])
+    return results
+
+
+def test_verdicts_within_the_window_noise_are_inconclusive():
+    nll = {"relaxed_avg_r64_svd": 1.80, "relaxed_step_r64_svd": 1.81, "strict_stepwise_kd": 2.95}
+    nll |= {"strict_stepwise": 3.0, "relaxed_avg_r16_asvd": 1.0, "relaxed_avg_r64_asvd": 1.0}
+    nll |= {"relaxed_avg_r256_asvd": 1.0, "relaxed_avg_r16_svd": 1.9, "relaxed_avg_r256_svd": 1.7}
+
+    def verdicts(spread):
+        claims = report.claims(with_windows(results_with(nll), spread), CORPORA, reproduce.TASKS)
+        return {c.finding: c for c in claims}
+
+    noisy = verdicts(0.2)  # s.e. of a paired difference ~ 0.2 * sqrt(2 / 16) / sqrt(2) = 0.05 > 0.01 and 0.05
+    avg = next(c for f, c in noisy.items() if f.startswith("Average"))
+    assert avg.verdict == "inconclusive" and "+- " in avg.evidence  # 1.80 vs 1.81
+    assert next(c for f, c in noisy.items() if f.startswith("Distillation")).verdict == "inconclusive"
+    asvd = [c for f, c in noisy.items() if "asvd" in f]
+    assert [c.verdict for c in asvd] == ["holds", "holds"]  # 1.0 against 1.7-1.9: far beyond the noise
+    quiet = verdicts(0.001)  # the same numbers with almost no noise decide
+    assert next(c for f, c in quiet.items() if f.startswith("Average")).verdict == "holds"
+    assert next(c for f, c in quiet.items() if f.startswith("Distillation")).verdict == "holds"
+
+
 def test_report_renders_a_skeleton_and_full_results(tmp_path):
     out, docs = tmp_path / "out", tmp_path / "docs"
     assert reproduce.main(["--out", str(out), "--docs_dir", str(docs), "--report_only"]) == 0
@@ -209,7 +246,7 @@ def test_report_renders_a_skeleton_and_full_results(tmp_path):
     c = reproduce.load_config(s.config)
     commands = {v.name: f"cmd {v.name}" for v in reproduce.variants("stepwise")}
     full = report.render(s, c, reproduce.eval_settings(c, s), results_with({"strict_random": 6.0}), commands, "x", "o")
-    assert "No run has finished" not in full and "15 of 15 variants" in full and "cmd strict_random" in full
+    assert "No run has finished" not in full and "18 of 18 variants" in full and "cmd strict_random" in full
     assert f"| `strict_random` | 1.0 | {math.exp(7):.3g} | {math.exp(6):.2f} |" in full
     assert "lambada 40" in full and "about 3.0 points" in full
 
@@ -243,7 +280,7 @@ def test_tiny_reproduction_end_to_end_and_resume(tmp_path):
     assert set(after["tasks"]) == {"piqa", "lambada"} and after["tasks"]["piqa"]["n"] == 3
     assert len(after["perplexity"]["tinystories_val"]["per_loop"]) == 2
     text = (docs / "RESULTS.md").read_text()
-    assert "5 of 15 variants" in text and (docs / "reproduce_loss.png").exists()
+    assert "5 of 18 variants" in text and (docs / "reproduce_loss.png").exists()
     stamps = {p: p.stat().st_mtime for p in out.glob("*.json")}
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

@@ -50,7 +50,7 @@ TASKS = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challeng
 STRICT_INITS = ("stepwise", "average", "lower", "random")
 SEQUENCE_INITS = ("stepwise", "average", "lower", "upper")
 RANKS = (16, 64, 256)
-LORA_INITS = ("svd", "zero")
+LORA_INITS = ("asvd", "svd", "zero")
 KD_WEIGHT = 0.5
 EXIT_WEIGHT = 0.1
 SEQUENCE = "sequence"  # --only alias of the SEQUENCE variant, whatever init it gets
@@ -302,11 +302,13 @@ class Evaluator:
 
     def converted(self, c):
         """The model `rrt.train` starts from (conversion in float32), and its parameter counts."""
-        from rrt import convert, train
         from rrt import model as model_lib
+        from rrt import train
 
         cfg, rec = train.model_config(c, self.base_cfg)
-        _, params, report_ = convert.convert(self.base_cfg, self.base_params, rec, progress=False)
+        _, params, report_ = train.convert_calibrated(
+            c, self.base_cfg, self.base_params, rec, self.tokenizer, progress=False
+        )
         return model_lib.from_params(cfg, params), report_["params"]
 
     def trained(self, wd: str):

@@ -193,8 +193,65 @@ def task_table(results: dict[str, Result], phase: str, corpora: Sequence[str], t
 @dataclasses.dataclass(frozen=True)
 class Claim:
     finding: str
-    verdict: str  # holds | does not hold | mixed | not measured
+    verdict: str  # holds | does not hold | mixed | inconclusive | not measured
     evidence: str
+
+
+NOISE_Z = 2.0  # a difference counts only beyond 2 standard errors
+
+
+def log_ppl_diff(a: dict | None, b: dict | None, corpora, loop: int | None = None) -> tuple[float, float] | None:
+    """(d, se): d = log gppl(a) - log gppl(b) over `corpora`, and its standard error estimated from the spread
+    over perplexity windows: both models score the same windows, so per corpus the paired per-window differences
+    of mean NLL give var(d_c) / W_c, and d = mean_c d_c. None when a result lacks per-window NLLs."""
+    if not a or not b or not set(corpora) <= set(a["perplexity"]) & set(b["perplexity"]):
+        return None
+    ds, var = [], 0.0
+    for c in corpora:
+        wa, wb = (
+            _loop_row(a["perplexity"][c], loop).get("window_nll"),
+            _loop_row(b["perplexity"][c], loop).get("window_nll"),
+        )
+        if not wa or not wb or len(wa) != len(wb):
+            return None
+        d = [x - y for x, y in zip(wa, wb)]
+        mean = sum(d) / len(d)
+        ds.append(mean)
+        var += (sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)) / len(d) if len(d) > 1 else float("inf")
+    return sum(ds) / len(ds), math.sqrt(var) / len(ds)
+
+
+def compare(results, x: str, y: str, corpora, phase: str = "after", loop: int | None = None) -> str | None:
+    """'better' | 'worse' (x's perplexity against y's, beyond NOISE_Z standard errors) | 'within noise' | None
+    (not both measured). Without per-window NLLs the noise is unknown and the raw order decides."""
+    rx, ry = results.get(x), results.get(y)
+    dx, dy = (getattr(rx, phase) if rx else None), (getattr(ry, phase) if ry else None)
+    gx, gy = gppl(dx, corpora, loop), gppl(dy, corpora, loop)
+    if gx is None or gy is None:
+        return None
+    est = log_ppl_diff(dx, dy, corpora, loop)
+    if est is not None and abs(est[0]) <= NOISE_Z * est[1]:
+        return "within noise"
+    return "better" if gx < gy else "worse"
+
+
+def _noise(results, x, y, corpora, phase="after", loop=None) -> str:
+    rx, ry = results.get(x), results.get(y)
+    est = log_ppl_diff(getattr(rx, phase) if rx else None, getattr(ry, phase) if ry else None, corpora, loop)
+    if est is None:
+        return "noise unknown"
+    return f"log-ppl difference {est[0]:+.3f} +- {est[1]:.3f} (1 s.e. over windows)"
+
+
+def _tally(outcomes: list[str]) -> str:
+    """One verdict from several comparisons, each 'better' (the claim's way), 'worse' or 'within noise'."""
+    if all(o == "better" for o in outcomes):
+        return "holds"
+    if all(o == "worse" for o in outcomes):
+        return "does not hold"
+    if "better" in outcomes and "worse" in outcomes:
+        return "mixed"
+    return "inconclusive"  # some within noise, the rest all one way
 
 
 def _q(results: dict[str, Result], name: str, corpora, phase: str = "after") -> float | None:
@@ -226,9 +283,15 @@ def claims(results: dict[str, Result], corpora: Sequence[str], tasks: Sequence[s
         evidence = "after uptraining: " + "; ".join(_pair(results, n, corpora, tasks) for n in have)
         if before:
             evidence += ". Before uptraining, the best was `" + min(before, key=before.get) + "`"
-        verdict = "holds" if best == "strict_stepwise" else "does not hold"
-        if verdict == "does not hold":
-            evidence += f". Best after uptraining: `{best}`"
+        if best == "strict_stepwise":
+            runner = min((n for n in have if n != best), key=have.get)
+            outcome = compare(results, best, runner, corpora)
+            verdict = "holds" if outcome == "better" else "inconclusive"
+            evidence += f". Against the runner-up `{runner}`: {_noise(results, best, runner, corpora)}"
+        else:
+            outcome = compare(results, best, "strict_stepwise", corpora)
+            verdict = "does not hold" if outcome == "better" else "inconclusive"
+            evidence += f". Best after uptraining: `{best}`; {_noise(results, best, 'strict_stepwise', corpora)}"
         out.append(Claim(finding, verdict, evidence))
     else:
         out.append(Claim(finding, "not measured", "needs strict_stepwise and another strict init after uptraining"))
@@ -237,8 +300,9 @@ def claims(results: dict[str, Result], corpora: Sequence[str], tasks: Sequence[s
     finding = "Average is the best initialization for relaxed recursion (rank 64, SVD LoRA)"
     a, s = q("relaxed_avg_r64_svd"), q("relaxed_step_r64_svd")
     if a is not None and s is not None:
-        verdict = "holds" if a < s else "does not hold"
+        verdict = _tally([compare(results, "relaxed_avg_r64_svd", "relaxed_step_r64_svd", corpora)])
         evidence = "; ".join(_pair(results, n, corpora, tasks) for n in ("relaxed_avg_r64_svd", "relaxed_step_r64_svd"))
+        evidence += "; " + _noise(results, "relaxed_avg_r64_svd", "relaxed_step_r64_svd", corpora)
         a0, s0 = q("relaxed_avg_r64_svd", "before"), q("relaxed_step_r64_svd", "before")
         if a0 is not None and s0 is not None:
             evidence += f" (before uptraining: average {fmt_ppl(a0)}, stepwise {fmt_ppl(s0)})"
@@ -253,11 +317,11 @@ def claims(results: dict[str, Result], corpora: Sequence[str], tasks: Sequence[s
         sv, ze = q(f"relaxed_avg_r{rank}_svd"), q(f"relaxed_avg_r{rank}_zero")
         if sv is None or ze is None:
             continue
-        wins.append(sv < ze)
-        parts.append(f"rank {rank}: svd {fmt_ppl(sv)} vs zero {fmt_ppl(ze)}")
+        wins.append(compare(results, f"relaxed_avg_r{rank}_svd", f"relaxed_avg_r{rank}_zero", corpora))
+        parts.append(f"rank {rank}: svd {fmt_ppl(sv)} vs zero {fmt_ppl(ze)} ({wins[-1]})")
     if wins:
-        verdict = "holds" if all(wins) else "does not hold" if not any(wins) else "mixed"
-        out.append(Claim(finding, verdict, f"SVD better at {sum(wins)} of {len(wins)} ranks: " + "; ".join(parts)))
+        better = sum(w == "better" for w in wins)
+        out.append(Claim(finding, _tally(wins), f"SVD better at {better} of {len(wins)} ranks: " + "; ".join(parts)))
     else:
         out.append(Claim(finding, "not measured", "needs relaxed_avg_r*_svd and _zero pairs"))
 
@@ -274,11 +338,17 @@ def claims(results: dict[str, Result], corpora: Sequence[str], tasks: Sequence[s
     ]
     seq = [(r, v) for r, v in seq if v is not None]
     if len(seq) >= 2:
-        vals = [v for _, v in seq]
-        monotone = all(b < a for a, b in zip(vals, vals[1:]))
-        overall = vals[-1] < vals[0]
-        verdict = "holds" if monotone else "mixed" if overall else "does not hold"
+        names = {0: "strict_average", 16: "relaxed_avg_r16_svd", 64: "relaxed_avg_r64_svd", 256: "relaxed_avg_r256_svd"}
+        steps = [compare(results, names[r2], names[r1], corpora) for (r1, _), (r2, _) in zip(seq, seq[1:])]
+        overall = compare(results, names[seq[-1][0]], names[seq[0][0]], corpora)
+        if all(x == "better" for x in steps):
+            verdict = "holds"
+        elif overall == "worse":
+            verdict = "does not hold"  # the highest rank is worse than the lowest
+        else:
+            verdict = "inconclusive" if "within noise" in steps + [overall] and "worse" not in steps else "mixed"
         evidence = ", ".join(f"rank {r}: {fmt_ppl(v)}" for r, v in seq)
+        evidence += " (each step up in rank: " + ", ".join(steps) + ")"
         zeros = [(r, q(f"relaxed_avg_r{r}_zero")) for r in (16, 64, 256)]
         zeros = [(r, v) for r, v in zeros if v is not None]
         if zeros:
@@ -294,8 +364,9 @@ def claims(results: dict[str, Result], corpora: Sequence[str], tasks: Sequence[s
     finding = "Distillation from the original model helps uptraining (strict Stepwise)"
     k, n = q("strict_stepwise_kd"), q("strict_stepwise")
     if k is not None and n is not None:
-        verdict = "holds" if k < n else "does not hold"
+        verdict = _tally([compare(results, "strict_stepwise_kd", "strict_stepwise", corpora)])
         evidence = "; ".join(_pair(results, x, corpora, tasks) for x in ("strict_stepwise_kd", "strict_stepwise"))
+        evidence += "; " + _noise(results, "strict_stepwise_kd", "strict_stepwise", corpora)
         out.append(Claim(finding, verdict, evidence))
     else:
         out.append(Claim(finding, "not measured", "needs strict_stepwise and strict_stepwise_kd"))
@@ -307,14 +378,35 @@ def claims(results: dict[str, Result], corpora: Sequence[str], tasks: Sequence[s
         e1, b1 = gppl(e.after, corpora, 1), gppl(b.after, corpora, 1)
         e2, b2 = gppl(e.after, corpora), gppl(b.after, corpora)
         if None not in (e1, b1, e2, b2):
-            verdict = "holds" if e1 < b1 and e2 <= b2 * 1.05 else "mixed" if e1 < b1 else "does not hold"
+            first = compare(results, "relaxed_avg_r64_svd_exit", "relaxed_avg_r64_svd", corpora, loop=1)
+            if first == "within noise":
+                verdict = "inconclusive"
+            else:
+                verdict = "holds" if e1 < b1 and e2 <= b2 * 1.05 else "mixed" if e1 < b1 else "does not hold"
             evidence = (
-                f"loop 1: {fmt_ppl(e1)} with the exit loss vs {fmt_ppl(b1)} without; last loop: {fmt_ppl(e2)} vs "
-                f"{fmt_ppl(b2)} ({100 * (e2 / b2 - 1):+.1f}%; 'small' = within 5%)"
+                f"loop 1: {fmt_ppl(e1)} with the exit loss vs {fmt_ppl(b1)} without "
+                f"({_noise(results, 'relaxed_avg_r64_svd_exit', 'relaxed_avg_r64_svd', corpora, loop=1)}); last loop: "
+                f"{fmt_ppl(e2)} vs {fmt_ppl(b2)} ({100 * (e2 / b2 - 1):+.1f}%; 'small' = within 5%)"
             )
             out.append(Claim(finding, verdict, evidence))
     if not out or out[-1].finding != finding:
         out.append(Claim(finding, "not measured", "needs relaxed_avg_r64_svd and relaxed_avg_r64_svd_exit"))
+
+    # 7. Beyond the paper: the activation-aware (asvd) LoRA init beats the plain SVD init, before and after uptraining.
+    for phase in ("before", "after"):
+        finding = f"The calibrated asvd LoRA init beats the plain SVD init ({phase} uptraining)"
+        wins, parts = [], []
+        for rank in (16, 64, 256):
+            x, y = f"relaxed_avg_r{rank}_asvd", f"relaxed_avg_r{rank}_svd"
+            outcome = compare(results, x, y, corpora, phase)
+            if outcome is None:
+                continue
+            wins.append(outcome)
+            parts.append(f"rank {rank}: asvd {fmt_ppl(q(x, phase))} vs svd {fmt_ppl(q(y, phase))} ({outcome})")
+        if wins:
+            out.append(Claim(finding, _tally(wins), "; ".join(parts)))
+        else:
+            out.append(Claim(finding, "not measured", "needs relaxed_avg_r*_asvd and _svd pairs"))
     return out
 
 
@@ -345,7 +437,7 @@ def _plt():
 def plot_rank(results: dict[str, Result], corpora, path: str) -> str | None:
     ranks = (0, 16, 64, 256)
     lines = {}
-    for lora_init in ("svd", "zero"):
+    for lora_init in ("asvd", "svd", "zero"):
         for phase in ("before", "after"):
             pts = []
             for r in ranks:
@@ -366,7 +458,7 @@ def plot_rank(results: dict[str, Result], corpora, path: str) -> str | None:
             [v for _, v in pts],
             marker="o",
             linestyle="-" if phase == "after" else "--",
-            color="C0" if lora_init == "svd" else "C1",
+            color={"svd": "C0", "zero": "C1", "asvd": "C2"}[lora_init],
             label=f"{lora_init} init, {phase} uptraining",
         )
     orig = results.get("original")

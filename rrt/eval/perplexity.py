@@ -31,11 +31,13 @@ def perplexity(
     progress: bool = True,
     scorer=None,
 ) -> dict:
-    """{"ppl", "nll", "tokens", "per_loop": [{"loop", "ppl", "nll"}...]} (nll is the mean per scored token)."""
+    """{"ppl", "nll", "tokens", "window_nll", "per_loop": [{"loop", "ppl", "nll", "window_nll"}...]} (nll is the
+    mean per scored token; window_nll the mean of each window, from which comparisons estimate their noise)."""
     w = windows(token_ids, seq_len)
     scorer = scorer or scoring.make_scorer(model)
     r = model.cfg.n_loops
     nll_sum = np.zeros(r, np.float64)
+    window_nll = []  # [W, R]
     count = 0
     for i in tqdm(range(0, len(w), batch_size), desc="perplexity", disable=not progress):
         batch = w[i : i + batch_size]
@@ -44,9 +46,21 @@ def perplexity(
             batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
         logp, _ = scorer(batch[:, :-1], batch[:, 1:])
         nll_sum -= logp[:, :real].sum(axis=(1, 2))
+        window_nll.append(-logp[:, :real].mean(axis=2).T)
         count += real * (seq_len - 1)
     nll = nll_sum / count
     if not np.all(np.isfinite(nll)):
         raise FloatingPointError(f"non-finite perplexity (mean nll per loop {nll.tolist()}): check the checkpoint")
-    per_loop = [{"loop": i + 1, "ppl": math.exp(v), "nll": float(v)} for i, v in enumerate(nll)]
-    return {"ppl": per_loop[-1]["ppl"], "nll": per_loop[-1]["nll"], "tokens": int(count), "per_loop": per_loop}
+    win_WxR = np.concatenate(window_nll)
+    per_loop = [
+        {"loop": i + 1, "ppl": math.exp(v), "nll": float(v), "window_nll": win_WxR[:, i].tolist()}
+        for i, v in enumerate(nll)
+    ]
+    last = per_loop[-1]
+    return {
+        "ppl": last["ppl"],
+        "nll": last["nll"],
+        "tokens": int(count),
+        "window_nll": last["window_nll"],
+        "per_loop": per_loop,
+    }
