@@ -13,6 +13,8 @@ import sys
 import pytest
 import trainrun
 
+from rrt import config
+
 SHARDING_PROBE = """
 import json, jax
 from flax import nnx
@@ -163,3 +165,36 @@ def test_seq_len_past_the_sources_positions_warns(tmp_path):
     trainrun.run(workdir, f"--config.source={source}", steps=2)
     log = trainrun.tail(f"{workdir}.log", 100_000)
     assert "PositionWarning: data.seq_len = 32 positions exceeds the 16 that" in log, log[-3000:]
+    # the tiny preset is relaxed (rank 4): converted with the default asvd init, calibrated on its training data
+    conversion = json.loads((workdir / "rrt_model.json").read_text())["conversion"]
+    assert conversion["recursion"]["lora_init"] == "asvd" and "calibrated the asvd LoRA init" in log
+    calib = conversion["calibration"]
+    assert calib["seq_len"] == 32 and calib["tokens"] >= 16384 and len(calib["sha256"]) == 64
+    assert [s["glob"] for s in calib["sources"]] == [s["glob"] for s in config.preset("tiny").data.sources]
+
+
+MOMENTS_PROBE = """
+import numpy as np
+from flax import nnx
+from rrt import calibrate, sharding
+from rrt import model as model_lib
+cfg = model_lib.ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, d_ff=32)
+params = {k: np.asarray(v) for k, v in model_lib.flat_params(model_lib.Decoder(cfg, rngs=nnx.Rngs(0))).items()}
+rng = np.random.default_rng(0)
+seg = np.repeat(np.arange(1, 3), 6)[None].repeat(8, 0).astype(np.int32)
+pos = np.concatenate([np.arange(6), np.arange(6)])[None].repeat(8, 0).astype(np.int32)
+rows = calibrate.Calibration(rng.integers(0, 64, (8, 12)).astype(np.int32), seg, pos, {})
+one = calibrate.collect_moments(cfg, params, rows, batch_size=4, progress=False)
+mesh = sharding.make_mesh((2, 2, 1))
+four = calibrate.collect_moments(cfg, params, rows, batch_size=4, mesh=mesh, progress=False)
+print(max(float(np.abs(one[t] - four[t]).max() / np.abs(one[t]).max()) for t in one))
+"""
+
+
+def test_calibration_moments_on_a_mesh_equal_one_device():
+    """asvd calibration sharded over a (2, 2, 1) mesh of 4 fake devices: the same moments as on one device."""
+    out = subprocess.run(
+        [sys.executable, "-c", MOMENTS_PROBE], env=trainrun.env(4), capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-6
