@@ -55,11 +55,11 @@ class _EpathEventFile:
             self.buffer.write(data)
 
     def flush(self) -> None:
-        with self.lock:
+        with self.lock:  # uploads in order: a slower, older upload must not land after a newer one
             data = self.buffer.getvalue()
-        if len(data) != self.flushed:
-            paths.write_atomic(self.path, data)
-            self.flushed = len(data)
+            if len(data) != self.flushed:
+                paths.write_atomic(self.path, data)
+                self.flushed = len(data)
 
     def close(self) -> None:
         self.flush()

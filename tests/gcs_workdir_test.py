@@ -219,3 +219,40 @@ def test_training_in_a_gcs_workdir_interrupted_and_rerun_equals_an_uninterrupted
     got = restore_every_step(wd, on_disk=local)
     want = restore_every_step(reference)
     assert_same_params(got[steps], want[steps], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_training_in_a_gcs_workdir_sigkilled_mid_save_and_rerun_equals_an_uninterrupted_local_run(gcs, tmp_path):
+    """SIGKILL while a step is being saved (its directory in the bucket, not yet committed): the killed run's lock
+    stays (a rerun at once is refused), and once it is gone (as after its expiry, tested above) the rerun ignores
+    the uncommitted step and finishes the same run."""
+    steps = 8
+    args = ("--config.async_checkpoint=true", "--config.checkpoint_every=1", "--config.keep_checkpoints=100")
+    reference = tmp_path / "reference"
+    trainrun.run(reference, *args, steps=steps)
+
+    wd = f"{BUCKET}/killed"
+    local = gcs.local(wd)
+    ckpts = os.path.join(local, "checkpoints")
+    log = str(tmp_path / "killed.log")
+    script = (os.path.join(trainrun.REPO, "tests", "fake_gcs.py"),)
+
+    def saving() -> bool:  # a step directory without Orbax's commit file: a save in flight
+        names = os.listdir(ckpts) if os.path.isdir(ckpts) else []
+        return any(n.isdigit() and n != "1" and not os.path.exists(os.path.join(ckpts, n, "commit_success.txt"))
+                   for n in names)  # fmt: skip
+
+    proc = trainrun.start(wd, *args, steps=steps, log=log, module=script)
+    assert trainrun.wait_for(lambda: saving() or proc.poll() is not None, 900, interval=0.01), trainrun.tail(log)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, trainrun.tail(log)
+
+    out = subprocess.run(trainrun.command(wd, *args, steps=steps, module=script), cwd=trainrun.REPO,
+                         env=trainrun.env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode != 0 and "is in use by another run" in out.stderr, out.stderr[-3000:]
+    os.remove(os.path.join(local, workdir_lock.LOCK_FILE))  # what its expiry does, 5 minutes later
+
+    assert trainrun.finish(trainrun.start(wd, *args, steps=steps, log=log, module=script)) == 0, trainrun.tail(log)
+    assert re.search(r"resumed from step \d+ of gs://fake-bucket/killed", trainrun.tail(log, 100_000))
+    trainrun.assert_same_losses(trainrun.metrics(local), trainrun.metrics(reference), rtol=1e-6)
