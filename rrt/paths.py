@@ -15,7 +15,7 @@ What an object store does not do, and what rrt does instead:
   * no mmap: the token cache is copied to a local directory and memory-mapped there (`local_copy_dir`).
 
 epath reaches gs:// through TensorFlow's gfile when TensorFlow is installed, else through fsspec + gcsfs (the TPU pod
-setup installs gcsfs; see docs/LAUNCHING.md).
+setup installs gcsfs, as does the `gcs` extra; see docs/LAUNCHING.md).
 """
 
 import os

@@ -1,6 +1,7 @@
 """Training checkpoints: an Orbax CheckpointManager over params, optimizer state and the data iterators' state.
 
-Layout of a workdir:
+Layout of a workdir (a local directory or a gs:// URL: Orbax writes either through etils.epath; on gs:// a step is
+complete once its commit_success.txt is written, rather than renamed into place; see rrt.paths):
     <workdir>/rrt_model.json      the model config (written once, at the start of a run; see rrt.formats.rrt_dir)
     <workdir>/tokenizer/          the tokenizer
     <workdir>/checkpoints/<step>/ Orbax items: params, opt_state, meta (step, config fingerprint), data (iterators)
