@@ -27,17 +27,18 @@ def is_remote(path: str) -> bool:
 
 
 def check_pod_workdir(workdir: str, flag: str) -> None:
-    """A workdir every host of a pod reaches as the same place: an absolute path, never relative or `~` (those
-    resolve inside each worker's code directory, which the next launch replaces), and not yet a URL."""
+    """A workdir every host of a pod reaches as the same place: a `gs://bucket/dir` URL (passed to the workers as it
+    is; rrt.train writes it through etils.epath) or an absolute path on a filesystem every worker shares; never
+    relative or `~` (those resolve inside each worker's code directory, which the next launch replaces)."""
     if is_remote(workdir):
-        raise LaunchError(
-            f"{flag} {workdir!r}: rrt.train does not write to URLs yet; mount the bucket (gcsfuse) at the same path "
-            "on every worker and pass that absolute path"
-        )
+        scheme, _, rest = workdir.partition("://")
+        if scheme != "gs" or not rest.split("/", 1)[0]:
+            raise LaunchError(f"{flag} {workdir!r}: the only URL rrt.train writes to is gs://bucket/dir")
+        return
     if workdir.startswith("~") or not workdir.startswith("/"):
         raise LaunchError(
-            f"{flag} must be an absolute path on a filesystem every worker shares, got {workdir!r}"
-            " (a relative or ~ path would land in the workers' code directory, which each launch replaces)"
+            f"{flag} must be a gs://bucket/dir URL or an absolute path on a filesystem every worker shares, got "
+            f"{workdir!r} (a relative or ~ path would land in the workers' code directory, which each launch replaces)"
         )
 
 

@@ -16,8 +16,10 @@ The plan, every step printed (shell-quoted) before it runs:
      ~/rrt_logs/<run>.<hostname>.log; the process group id goes to ~/rrt_logs/train.pid, which `--stop` signals and
      which keeps a second launch from starting while a run is still going.
 No coordinator flags are needed: `jax.distributed.initialize()` finds the slice's workers from the TPU metadata.
-DIR must be absolute and the same shared path on every worker (see docs/LAUNCHING.md): a relative or `~` path would
-land in the code directory, which the next launch replaces. Relaunching the same command resumes.
+DIR is a `gs://bucket/dir` URL, passed to the workers as it is (rrt.train writes checkpoints, logs and its lock there
+through etils.epath; the setup installs gcsfs for that), or an absolute path shared by every worker (see
+docs/LAUNCHING.md): a relative or `~` path would land in the code directory, which the next launch replaces.
+Relaunching the same command resumes.
 """
 
 import argparse
@@ -43,6 +45,9 @@ LOG_DIR = "$HOME/rrt_logs"
 PIDFILE = f"{LOG_DIR}/train.pid"
 PYTHON_VERSION = "3.11"
 TORCH_BACKEND = "cpu"
+# etils.epath's gs:// backend when TensorFlow is absent; it brings google-cloud-storage, which Orbax imports for a
+# gs:// checkpoint directory. Not in requirements.txt: a local or shared-filesystem workdir needs neither.
+GCS_CLIENT = "gcsfs"
 # Whether the pidfile's process is running (a zombie, left where nothing reaps it, does not count).
 ALIVE = f'ps -o stat= -p "$(cat "{PIDFILE}")" 2>/dev/null | grep -q "^[^Z]"'
 # Refuse (exit 1) while a run is going: checked before the code is replaced and before a run starts.
@@ -100,7 +105,7 @@ def setup_script(jax_pin: str) -> str:
         f'(test -x {PYTHON} || uv venv --python {PYTHON_VERSION} "{REMOTE_VENV}")',
         shlex.join(
             ["uv", "pip", "install", "--python", PYTHON, "--torch-backend", TORCH_BACKEND]
-            + ["-r", "requirements.txt", f"jax[tpu]=={jax_pin}"]
+            + ["-r", "requirements.txt", f"jax[tpu]=={jax_pin}", GCS_CLIENT]
         ),
     ]
     return " && ".join(steps)
@@ -199,7 +204,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p = argparse.ArgumentParser(prog="launch/tpu_pod.py", description=__doc__.splitlines()[0])
     add_slice_args(p)
     p.add_argument("--config", help="a preset name or a config file inside the repository")
-    p.add_argument("--workdir", help="run directory: an absolute path shared by every worker; rerun to resume")
+    p.add_argument(
+        "--workdir", help="run directory: gs://bucket/dir or an absolute path shared by every worker; rerun to resume"
+    )
     p.add_argument("--stop", action="store_true", help="SIGTERM the run going on the slice instead of starting one")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print the commands only")
     args = p.parse_args(argv)

@@ -5,6 +5,7 @@ Reading order: `main` (setup: distributed, mesh, model from the source or the wo
 resumes from the newest complete checkpoint in the workdir; SIGTERM (preemption) saves one and exits.
 """
 
+import atexit
 import dataclasses
 import functools
 import json
@@ -20,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags, logging
+from etils import epath
 from flax import nnx
 from ml_collections import config_dict, config_flags
 
 from rrt import config as config_lib
 from rrt import convert as convert_lib
 from rrt import flops as flops_lib
-from rrt import formats, losses, metrics_log, train_state, workdir_lock
+from rrt import formats, losses, metrics_log, paths, train_state, workdir_lock
 from rrt import model as model_lib
 from rrt import optim as optim_lib
 from rrt import sharding as sharding_lib
@@ -35,7 +37,9 @@ from rrt.formats import rrt_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
 TRAIN_CONFIG = "train_config.json"  # the run's ml_collections config (config.json means a Hugging Face one)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs; rerun to resume")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "run directory (a local path or gs://bucket/dir): checkpoints, logs; rerun to resume"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +192,7 @@ def recursion_from_config(c: config_dict.ConfigDict, base: model_lib.ModelConfig
     )
 
 
-def data_config(c: config_dict.ConfigDict, workdir: str):
+def data_config(c: config_dict.ConfigDict, workdir):
     from rrt.data import documents, pipeline
 
     sources = []
@@ -203,7 +207,7 @@ def data_config(c: config_dict.ConfigDict, workdir: str):
         seq_len=c.data.seq_len,
         global_batch_size=c.data.global_batch_size,
         seed=c.data.seed,
-        cache_dir=c.data.cache_dir or os.path.join(workdir, "token_cache"),
+        cache_dir=c.data.cache_dir or str(epath.Path(workdir) / "token_cache"),
         num_workers=c.data.num_workers,
     )
 
@@ -254,7 +258,7 @@ def model_config(c: config_dict.ConfigDict, base: model_lib.ModelConfig | None):
 CALIBRATION_FIELDS = ("calib_data", "calib_tokens", "calib_seq_len", "damping")
 
 
-def calibration(c: config_dict.ConfigDict, workdir: str, tokenizer, mesh):
+def calibration(c: config_dict.ConfigDict, workdir, tokenizer, mesh):
     """The asvd calibration rows: `recursion.calib_data`, else the training data's sources (train splits), in
     rows of `recursion.calib_seq_len` (else data.seq_len), a whole number of batches that the mesh divides."""
     from rrt import calibrate
@@ -312,14 +316,14 @@ def recursion_disagreements(r: config_dict.ConfigDict, src: model_lib.ModelConfi
     return [f"recursion.{k}={r[k]!r} ({why})" for k, (ok, why) in have.items() if not ok and r[k] != defaults[k]]
 
 
-def build_model(c, workdir: str):
+def build_model(c, workdir):
     """(model config, source config, source params, recursion, conversion record, teacher (cfg, params) or None).
 
     A full-depth source is converted (recursion None: trained from scratch when there is no source either); a
     source that is recursive already is trained as it is (recursion None, and `c.recursion` must agree with it or
     keep its defaults). Distillation takes its teacher from `c.teacher`, else the full-depth source; a recursive
     source with no teacher is an error, never a guess."""
-    meta_path = os.path.join(workdir, rrt_dir.META)
+    meta_path = epath.Path(workdir) / rrt_dir.META
     source = formats.resolve_source(c.source)
     base = base_params = None
     if source:
@@ -343,7 +347,7 @@ def build_model(c, workdir: str):
     teacher_source = formats.resolve_source(c.teacher)
     if teacher_source:
         conversion["teacher"] = os.path.abspath(teacher_source)
-    if os.path.exists(meta_path):
+    if meta_path.exists():
         meta = rrt_dir.read_meta(workdir)
         stored = model_lib.ModelConfig.from_dict(meta["model"])
         strip = lambda m: dataclasses.replace(m, dtype="float32", remat="none")  # noqa: E731
@@ -379,26 +383,37 @@ def build_model(c, workdir: str):
     return cfg, base, base_params, rec, conversion, teacher
 
 
-def record_config(workdir: str, config_json: str) -> str | None:
+def record_config(workdir, config_json: str) -> str | None:
     """Writes the run's config to <workdir>/train_config.json, on every start that gets as far as training (so it
     names what the run writing the checkpoints uses). A different earlier one is kept as
     train_config.<its mtime>.json (returned), never overwritten."""
-    path = os.path.join(workdir, TRAIN_CONFIG)
+    workdir = epath.Path(workdir)
+    path = workdir / TRAIN_CONFIG
     kept = None
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() == config_json:
-                return None
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(os.path.getmtime(path)))
-        kept, n = os.path.join(workdir, f"train_config.{stamp}.json"), 1
-        while os.path.exists(kept):
-            kept, n = os.path.join(workdir, f"train_config.{stamp}.{n}.json"), n + 1
-        os.replace(path, kept)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config_json)
-    os.replace(tmp, path)
-    return kept
+    if path.exists():
+        if path.read_text() == config_json:
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(path.stat().mtime))
+        kept, n = workdir / f"train_config.{stamp}.json", 1
+        while kept.exists():
+            kept, n = workdir / f"train_config.{stamp}.{n}.json", n + 1
+        path.rename(kept)
+    paths.write_atomic(path, config_json)
+    return str(kept) if kept is not None else None
+
+
+def save_tokenizer(tokenizer, path: epath.Path) -> None:
+    """`tokenizer.save` (local files) into `path`, a local directory or, through a local copy, a gs:// one."""
+    if not paths.is_url(path):
+        tokenizer.save(str(path))
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        path.mkdir(parents=True, exist_ok=True)
+        for name in sorted(os.listdir(tmp)):
+            paths.write_atomic(path / name, epath.Path(tmp, name).read_bytes())
 
 
 def build_step(c, cfg: model_lib.ModelConfig, teacher_cfg: model_lib.ModelConfig | None, mesh):
@@ -471,21 +486,20 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
     c = _CONFIG.value
-    workdir = _WORKDIR.value
-    if not workdir:
+    if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
-    if "://" in workdir:  # os.path would make gs://b/r a local directory "gs:/b/r" on each host
-        raise app.UsageError(
-            f"--workdir {workdir!r}: URL workdirs are not supported yet; mount the bucket (gcsfuse) or use a shared "
-            "filesystem path"
-        )
+    try:  # a local path made absolute; gs://bucket/dir kept a URL (rrt.paths: the one path layer)
+        workdir = paths.workdir_path(_WORKDIR.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     init_distributed(c)
-    os.makedirs(workdir, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        try:  # held until this process exits, however it exits
-            _lock = workdir_lock.acquire(workdir)
+        try:  # held until this process exits, however it exits (a gs:// lock expires if it is killed)
+            lock = workdir_lock.acquire(workdir)
         except workdir_lock.WorkdirInUse as e:
             raise SystemExit(f"error: {e}") from None
+        atexit.register(workdir_lock.release, lock)
     mesh = sharding_lib.make_mesh(tuple(c.mesh))
     cfg, base, base_params, rec, conversion, teacher = build_model(c, workdir)
     if c.source:  # RoPE: past the source's declared context is a warning (formats.check_positions)
@@ -511,20 +525,16 @@ def main(argv) -> None:
     if rec is not None and rec.needs_calibration and latest is None:  # asvd: rows now, their record in the meta
         calib, calib_batch = calibration(c, workdir, tokenizer, mesh)
         conversion = {**conversion, "calibration": calib.record}
-        stored = (
-            rrt_dir.read_meta(workdir).get("conversion")
-            if os.path.exists(os.path.join(workdir, rrt_dir.META))
-            else None
-        )
+        stored = rrt_dir.read_meta(workdir).get("conversion") if (workdir / rrt_dir.META).exists() else None
         if stored is not None and stored.get("calibration") != calib.record:
             raise ValueError(
                 f"{workdir} was started with other asvd calibration data ({rrt_dir.META}: calibration); "
                 "use a new --workdir or the same recursion.calib_* settings"
             )
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, rrt_dir.META)):
-        tokenizer.save(os.path.join(workdir, "tokenizer"))
-        with open(os.path.join(workdir, rrt_dir.META), "w") as f:
-            json.dump({"format": 1, "model": cfg.to_dict(), "conversion": conversion}, f, indent=2)
+    if jax.process_index() == 0 and not (workdir / rrt_dir.META).exists():
+        save_tokenizer(tokenizer, workdir / "tokenizer")
+        meta = {"format": 1, "model": cfg.to_dict(), "conversion": conversion}
+        paths.write_atomic(workdir / rrt_dir.META, json.dumps(meta, indent=2))
 
     with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)  # noqa: E731
     init_fn = jax.jit(opt.init, out_shardings=opt_sh)

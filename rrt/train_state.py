@@ -1,6 +1,7 @@
 """Training checkpoints: an Orbax CheckpointManager over params, optimizer state and the data iterators' state.
 
-Layout of a workdir:
+Layout of a workdir (a local directory or a gs:// URL: Orbax writes either through etils.epath; on gs:// a step is
+complete once its commit_success.txt is written, rather than renamed into place; see rrt.paths):
     <workdir>/rrt_model.json      the model config (written once, at the start of a run; see rrt.formats.rrt_dir)
     <workdir>/tokenizer/          the tokenizer
     <workdir>/checkpoints/<step>/ Orbax items: params, opt_state, meta (step, config fingerprint), data (iterators)
@@ -17,8 +18,6 @@ A state with a non-finite value is never saved (`save` raises).
 """
 
 import json
-import os
-import shutil
 import time
 
 import jax
@@ -26,17 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from rrt import model as model_lib
+from rrt import paths
 
 
-def manager(workdir: str, save_every: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+def manager(workdir, save_every: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    """The manager of <workdir>/checkpoints (a local path or a gs:// URL: Orbax writes either through epath)."""
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
     )
     return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        paths.workdir_path(workdir) / "checkpoints",
         options=options,
         item_names=("params", "opt_state", "meta", "data"),
     )
@@ -124,11 +126,11 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt_st
             failed.append((step, msg))
             continue
         for bad, _ in failed:
-            src = os.path.join(str(mngr.directory), str(bad))
-            aside = os.path.join(os.path.dirname(src) + "_unrestorable", f"{bad}.{time.strftime('%Y%m%dT%H%M%S')}")
+            src = epath.Path(mngr.directory) / str(bad)
+            aside = src.parent.parent / f"{src.parent.name}_unrestorable" / f"{bad}.{time.strftime('%Y%m%dT%H%M%S')}"
             if jax.process_index() == 0:
-                os.makedirs(os.path.dirname(aside), exist_ok=True)
-                shutil.move(src, aside)
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                src.rename(aside)  # on an object store: copied, then deleted
                 print(f"WARNING: moved the unrestorable checkpoint step {bad} to {aside}", flush=True)
         if failed:
             if jax.process_count() > 1:
@@ -143,7 +145,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt_st
     return None
 
 
-def load_params(workdir: str, cfg: model_lib.ModelConfig, step: int | None = None) -> dict[str, np.ndarray]:
+def load_params(workdir, cfg: model_lib.ModelConfig, step: int | None = None) -> dict[str, np.ndarray]:
     """The flat parameters of a training workdir's newest (or given) complete step, on the host."""
     mngr = manager(workdir, 1, None, async_save=False)
     step = mngr.latest_step() if step is None else step

@@ -15,6 +15,7 @@ def _libtpu():
     if importlib.util.find_spec("libtpu") is None:
         needs.missing("libtpu is not importable (pip install libtpu as pinned in requirements.txt): no TPU compiler")
 
+
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 

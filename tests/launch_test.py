@@ -227,9 +227,10 @@ def test_tpu_pod_bad_input(git_repo, capsys):
     assert "--tpu" in capsys.readouterr().err
     for workdir in ("w", "~/runs/w", "runs/w"):  # would land in the workers' code directory
         assert tpu_pod.main(["--tpu", "t", "--zone", "z", "--workdir", workdir, "--config", "configs/x.py"]) == 2
-        assert "--workdir must be an absolute path" in capsys.readouterr().err
-    assert tpu_pod.main(["--tpu", "t", "--zone", "z", "--workdir", "gs://b/r", "--config", "configs/x.py"]) == 2
-    assert "does not write to URLs yet" in capsys.readouterr().err
+        assert "--workdir must be a gs://bucket/dir URL or an absolute path" in capsys.readouterr().err
+    for workdir in ("s3://b/r", "gs:///r", "file:///r"):  # rrt.train writes to gs:// URLs only
+        assert tpu_pod.main(["--tpu", "t", "--zone", "z", "--workdir", workdir, "--config", "configs/x.py"]) == 2
+        assert "the only URL rrt.train writes to is gs://bucket/dir" in capsys.readouterr().err
     base = ["--tpu", "t", "--zone", "z", "--workdir", "/w", "--dry-run", "--config"]
     assert tpu_pod.main([*base, "configs/none.py"]) == 2
     assert "unknown config file 'configs/none.py'" in capsys.readouterr().err
@@ -241,6 +242,35 @@ def test_tpu_pod_bad_input(git_repo, capsys):
     (git_repo / "requirements.txt").write_text("numpy\n")
     with pytest.raises(common.LaunchError, match="pins no jax"):
         tpu_pod.jax_version(git_repo / "requirements.txt")
+
+
+def test_tpu_pod_passes_a_gcs_workdir_to_the_workers_unchanged(git_repo, capsys):
+    """gs://bucket/dir reaches the training command as it is (no local check, mkdir or abspath), and the setup
+    installs the gs:// client (gcsfs) next to requirements.txt."""
+    rc = tpu_pod.main(["--tpu", "pod", "--zone", "z", "--config", "configs/x.py", "--workdir", "gs://b/runs/g1",
+                       "--dry-run"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    setup, run = (shlex.split(line)[7] for line in out.out.splitlines()[3:])
+    assert run == tpu_pod.run_script([tpu_pod.Run("configs/x.py", "gs://b/runs/g1")], "g1")
+    assert shlex.join(["--workdir", "gs://b/runs/g1"]) in run
+    assert "uv pip install" in setup and " gcsfs" in setup
+    assert setup.index("a run is still going") < setup.index("rm -rf")  # checked before the code is touched
+    assert "rm -rf" in setup and setup.count("rm -rf") == 1 and 'rm -rf "$HOME/rrt/code"' in setup
+    assert "rm " not in run and "gs://b" not in setup  # the run itself deletes nothing; setup never sees the bucket
+    assert not Path("gs:").exists() and not (git_repo / "gs:").exists()
+
+
+def test_sweep_on_a_tpu_pod_with_a_gcs_base_workdir(git_repo, capsys):
+    """Each point's workdir is gs://.../<name>; the manifest goes to the bucket with gcloud storage cp."""
+    argv = [write_sweep(git_repo), "--base_workdir", "gs://b/s1", "--launcher", "tpu_pod", "--dry-run"]
+    assert sweep.main([*argv, "--", "--tpu", "t", "--zone", "z", "--skip_setup"]) == 0
+    cp, ssh = capsys.readouterr().out.splitlines()
+    assert shlex.split(cp) == ["gcloud", "storage", "cp", "-", "gs://b/s1/manifest.json"]
+    script = shlex.split(ssh)[7]
+    for name in ("lr=0.1,name=a-b", "lr=0.2,name=a-b"):
+        assert shlex.join(["--workdir", f"gs://b/s1/{name}"]) in script
+    assert "mkdir -p gs:" not in script and not (git_repo / "gs:").exists()
 
 
 def test_tpu_setup_refuses_while_a_run_goes_and_replaces_only_the_code(tmp_path, monkeypatch):
@@ -459,7 +489,7 @@ def test_sweep_on_a_tpu_pod_chains_the_points_in_one_detached_job(git_repo, tmp_
         sweep.main(argv)
     rel = [write_sweep(git_repo), "--base_workdir", "runs/s", "--launcher", "tpu_pod", "--dry-run"]
     assert sweep.main([*rel, "--", "--tpu", "t", "--zone", "z"]) == 2
-    assert "--base_workdir must be an absolute path" in capsys.readouterr().err
+    assert "--base_workdir must be a gs://bucket/dir URL or an absolute path" in capsys.readouterr().err
 
 
 def test_sweep_on_slurm_writes_a_script_per_point(git_repo, capsys):

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 import trainrun
+from etils import epath
 from flax import nnx
 
 from rrt import model as model_lib
@@ -26,11 +27,11 @@ from rrt import train_state as ckpt_lib
 from rrt.formats import rrt_dir
 
 
-def restore_every_step(workdir) -> dict[int, dict]:
-    """{step: params} for every checkpoint in the workdir, each restored completely on this process's 1 device."""
+def restore_every_step(workdir, on_disk=None) -> dict[int, dict]:
+    """{step: params} for every checkpoint in the workdir (a path or a gs:// URL whose files are in the local
+    directory `on_disk`), each restored completely on this process's 1 device."""
     cfg = model_lib.ModelConfig.from_dict(rrt_dir.read_meta(str(workdir))["model"])
-    with open(os.path.join(workdir, "train_config.json")) as f:
-        c = json.load(f)
+    c = json.loads(epath.Path(str(workdir), "train_config.json").read_text())
     params = nnx.to_pure_dict(nnx.split(model_lib.abstract(cfg))[1])
     opt, _ = optim.make(optim.OptimConfig(**c["optim"], total_steps=c["steps"]), params)
     abstract_opt = jax.eval_shape(opt.init, params)
@@ -42,7 +43,7 @@ def restore_every_step(workdir) -> dict[int, dict]:
     out = {}
     try:
         steps = list(mngr.all_steps())
-        assert sorted(steps) == trainrun.checkpoint_steps(workdir), "the manager and the directory disagree"
+        assert sorted(steps) == trainrun.checkpoint_steps(on_disk or workdir), "the manager and the directory disagree"
         for step in steps:
             p, o, meta, data = ckpt_lib.restore(mngr, step, with_sh(params, param_sh), with_sh(abstract_opt, opt_sh))
             assert meta["step"] == step and data["fingerprint"], (step, meta)

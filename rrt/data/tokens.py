@@ -1,12 +1,22 @@
-"""Tokens: text -> token ids with BOS/EOS (`Encoder`), and the on-disk token cache of a source."""
+"""Tokens: text -> token ids with BOS/EOS (`Encoder`), and the on-disk token cache of a source.
+
+The cache is memory-mapped, so it must be local. A cache directory on Cloud Storage (the default under a gs://
+workdir) is mirrored: its files are downloaded to a local copy (rrt.paths.local_copy_dir) and mapped there; a cache
+that is missing is built locally and then uploaded (by every host that built it: the same bytes, each upload a whole
+object), so that a rerun or another host downloads it instead of tokenizing again.
+"""
 
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+from etils import epath
+
+from rrt import paths
 
 
 class Tokenizer(Protocol):
@@ -81,10 +91,41 @@ def save_atomic(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+SUFFIXES = (".tokens.npy", ".offsets.npy")
+
+
 def cached_tokens(docs: Sequence[str], encoder: Encoder, cache_dir: str, key: str) -> CachedTokens:
-    """The token cache of `docs` under `cache_dir/key`, built (batched tokenization) if missing."""
+    """The token cache of `docs` under `cache_dir/key`, built (batched tokenization) if missing. A gs:// cache_dir
+    is mirrored in a local directory (see the module docstring)."""
+    if not paths.is_url(cache_dir):
+        return CachedTokens(_build(docs, encoder, cache_dir, key))
+    remote = epath.Path(cache_dir)
+    local_dir = paths.local_copy_dir(cache_dir)
+    path = os.path.join(local_dir, key)
+    if not _complete(path):
+        os.makedirs(local_dir, exist_ok=True)
+        if all((remote / (key + s)).exists() for s in SUFFIXES):
+            for s in SUFFIXES:  # streamed: a cache can be larger than memory
+                tmp = f"{path}{s}.tmp{os.getpid()}"
+                with (remote / (key + s)).open("rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+                os.replace(tmp, path + s)
+        else:
+            _build(docs, encoder, local_dir, key)
+            for s in SUFFIXES:  # offsets last: as locally, both present marks a complete cache
+                with open(path + s, "rb") as src, (remote / (key + s)).open("wb") as dst:  # one object upload
+                    shutil.copyfileobj(src, dst, 1 << 24)
+    return CachedTokens(path)
+
+
+def _complete(path: str) -> bool:
+    return all(os.path.exists(path + s) for s in SUFFIXES)
+
+
+def _build(docs: Sequence[str], encoder: Encoder, cache_dir: str, key: str) -> str:
+    """`cache_dir/key`, its two files written if missing (a local directory)."""
     path = os.path.join(cache_dir, key)
-    if not (os.path.exists(path + ".tokens.npy") and os.path.exists(path + ".offsets.npy")):
+    if not _complete(path):
         os.makedirs(cache_dir, exist_ok=True)
         dtype = np.uint16 if encoder.tokenizer.vocab_size <= 2**16 else np.int32
         chunks = []
@@ -93,4 +134,4 @@ def cached_tokens(docs: Sequence[str], encoder: Encoder, cache_dir: str, key: st
         offsets = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
         save_atomic(path + ".tokens.npy", np.concatenate(chunks).astype(dtype))
         save_atomic(path + ".offsets.npy", offsets)
-    return CachedTokens(path)
+    return path

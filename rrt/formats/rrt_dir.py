@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from rrt import model as model_lib
 from rrt import train_state
@@ -24,11 +25,11 @@ def is_rrt_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, META))
 
 
-def read_meta(path: str) -> dict[str, Any]:
-    meta_path = os.path.join(path, META)
+def read_meta(path) -> dict[str, Any]:
+    """The metadata of a model directory or training workdir (a local path or a gs:// URL)."""
+    meta_path = epath.Path(path) / META
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read rrt model metadata {meta_path}: {e}") from e
     if meta.get("format") != 1 or "model" not in meta:
