@@ -146,8 +146,8 @@ def _svd64(resid_IxO: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.nd
 
 def whitening(c_IxI: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
     """(S^T, S^(-T)), both [I, I] float64, with S S^T = C' + damping * I, C' = C / mean(diag C), from the
-    eigendecomposition C' = Q L Q^T: S^T = L^(1/2) Q^T. Eigenvalues are floored at 1e-12 of the largest (and C = 0 gives the
-    identity), so a rank-deficient C (a dead input feature) with damping 0 still gives finite factors."""
+    eigendecomposition C' = Q L Q^T: S^T = L^(1/2) Q^T. Eigenvalues are floored at 1e-12 of the largest (and C = 0
+    gives the identity), so a rank-deficient C (a dead input feature) with damping 0 still gives finite factors."""
     c = np.asarray(c_IxI, np.float64)
     c = 0.5 * (c + c.T)
     scale = float(np.mean(np.diag(c)))
