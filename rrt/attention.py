@@ -20,8 +20,10 @@ Design notes.
   Gemma 2/3 and Mistral configs only have to pass them.
 * "auto" resolves at trace time (`resolve`): on the platform of the abstract mesh in context (rrt.train.build_step
   traces the step under `jax.sharding.use_abstract_mesh`, so a TPU program compiled ahead of time on a CPU host
-  resolves to splash), else `jax.default_backend()`. TPU: splash when the row length suits its blocks, GPU: cuDNN
-  when its kernel supports the call (16-bit dtype, no soft cap, head dim a multiple of 8 up to 128), else XLA.
+  resolves to splash), else `jax.default_backend()`. TPU: splash when the row length suits its blocks and there is
+  a mesh in context to shard_map over (or a single device: evaluation and decoding jit outside the train step's
+  mesh, and XLA cannot partition a Mosaic kernel itself), GPU: cuDNN when its kernel supports the call (16-bit
+  dtype, no soft cap, head dim a multiple of 8 up to 128), else XLA.
 * Splash is a Mosaic kernel, which XLA does not partition: it runs inside `jax.shard_map` over the mesh in context,
   rows over the table's `batch` axes and heads over `heads` (rrt/sharding.py RULES; an axis that does not divide
   the dimension is replicated, as for parameters), one kernel per local row (vmap). Off TPU it runs in Pallas
@@ -88,10 +90,14 @@ def positions_consecutive(positions_BxT: np.ndarray, segment_ids_BxT: np.ndarray
 # Choosing the kernel.
 
 
-def _context_platform() -> str:
+def _context() -> tuple[str, bool]:
+    """(platform, whether a Mosaic kernel can be partitioned here): the abstract mesh in context decides both;
+    without one, the default backend, and partitioning only on a single device."""
     mesh = jax.sharding.get_abstract_mesh()
     device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
+    if device is not None:
+        return device.platform, True
+    return jax.default_backend(), jax.device_count() == 1
 
 
 def splash_block(t: int) -> int | None:
@@ -111,8 +117,10 @@ def resolve(kind: str, *, seq_len: int, head_dim: int, dtype, soft_cap: float | 
         raise ValueError(f"unknown attention {kind!r}; expected one of {KINDS}")
     if kind != "auto":
         return kind
-    platform = platform or _context_platform()
-    if platform == "tpu" and splash_block(seq_len) is not None:
+    partitionable = True
+    if platform is None:
+        platform, partitionable = _context()
+    if platform == "tpu" and partitionable and splash_block(seq_len) is not None:
         return "splash"
     if platform in ("gpu", "cuda") and cudnn_supported(dtype, head_dim, soft_cap):
         return "cudnn"
@@ -223,7 +231,7 @@ def splash(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, segment_ids_BxT=None, sliding_window
         sliding_window=sliding_window,
         soft_cap=soft_cap,
         scale=scale,
-        interpret=_context_platform() != "tpu",
+        interpret=_context()[0] != "tpu",
     )
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

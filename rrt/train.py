@@ -247,7 +247,7 @@ def model_config(c: config_dict.ConfigDict, base: model_lib.ModelConfig | None):
             lora_alpha=r.alpha,
         )
         rec = None
-    return dataclasses.replace(cfg, dtype=c.dtype, remat=c.remat), rec
+    return dataclasses.replace(cfg, dtype=c.dtype, remat=c.remat, attention=c.attention), rec
 
 
 def recursion_disagreements(r: config_dict.ConfigDict, src: model_lib.ModelConfig) -> list[str]:
@@ -290,7 +290,7 @@ def build_model(c, workdir: str):
                 f"{base.rank_attn}/{base.rank_mlp}), trained as it is; these config fields disagree with it: "
                 f"{'; '.join(bad)}. Leave them at their defaults or match the source"
             )
-        cfg, rec = dataclasses.replace(base, dtype=c.dtype, remat=c.remat), None
+        cfg, rec = dataclasses.replace(base, dtype=c.dtype, remat=c.remat, attention=c.attention), None
     else:
         cfg, rec = model_config(c, base)
     conversion = {
@@ -303,7 +303,7 @@ def build_model(c, workdir: str):
     if os.path.exists(meta_path):
         meta = rrt_dir.read_meta(workdir)
         stored = model_lib.ModelConfig.from_dict(meta["model"])
-        strip = lambda m: dataclasses.replace(m, dtype="float32", remat="none")  # noqa: E731
+        strip = lambda m: dataclasses.replace(m, dtype="float32", remat="none", attention="auto")  # noqa: E731
         if strip(stored) != strip(cfg) or meta.get("conversion") != conversion:
             raise ValueError(
                 f"{workdir} holds a run of a different model or conversion ({meta_path}); use a new --workdir"
@@ -355,6 +355,19 @@ def record_config(workdir: str, config_json: str) -> str | None:
     return kept
 
 
+def under_mesh(mesh, fn, **kw):
+    """`fn` with `kw` bound, traced with the mesh's abstract mesh in context: shard_map'd kernels (splash attention)
+    find the mesh there, and attention="auto" resolves for the mesh's platform, so a TPU step compiled ahead of time
+    on a CPU host (rrt.aot) gets splash (rrt/attention.py)."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kw, **kwargs)
+
+    return traced
+
+
 def build_step(c, cfg: model_lib.ModelConfig, teacher_cfg: model_lib.ModelConfig | None, mesh):
     """Everything about the train step that needs no data or weights: the abstract parameters, the optimizer, the
     shardings of parameters, optimizer state and teacher, and the jitted step. `rrt.train.main` trains with it;
@@ -377,13 +390,14 @@ def build_step(c, cfg: model_lib.ModelConfig, teacher_cfg: model_lib.ModelConfig
     opt_sh = sharding_lib.opt_state_shardings(opt, abstract_opt, param_sh, mesh)
     teacher_graphdef = teacher_abstract = teacher_sh = None
     if teacher_cfg is not None:
-        teacher_cfg = dataclasses.replace(teacher_cfg, dtype=c.dtype)
+        teacher_cfg = dataclasses.replace(teacher_cfg, dtype=c.dtype, attention=c.attention)
         teacher_graphdef, t_state = nnx.split(model_lib.abstract(teacher_cfg))
         teacher_abstract = nnx.to_pure_dict(t_state)
         teacher_sh = sharding_lib.param_shardings(teacher_abstract, mesh)
     constrain = sharding_lib.shared_gather_constraint(mesh) if c.gather_shared else None
     step_fn = jax.jit(
-        functools.partial(
+        under_mesh(
+            mesh,
             train_step,
             opt=opt,
             n_micro=c.grad_accum,
