@@ -9,7 +9,8 @@ published config.json) or, when `config.source` is a directory with a config.jso
 bytes of parameters, optimizer state, batch, XLA's temporaries and outputs against the chip's HBM; per step XLA's
 FLOPs beside rrt/flops.py's, XLA's estimated step time (when its cost model gives one) and the MFU it implies; the
 collectives in the compiled HLO by kind with their result bytes (each op counted once, also inside loop bodies);
-the Pallas kernel calls (splash attention, `--config.attention`); and the compile time. Exits 1 when the step does not fit, naming the largest buffers.
+the Pallas kernel calls (splash attention, `--config.attention`); and the compile time. Exits 1 when the step does
+not fit, naming the largest buffers.
 
 Slice names: `v5e-256`, `v6e-64` (chips), `v4-64`, `v5p-128` (TensorCores, 2 per chip), or the raw `v5e:16x16` form.
 """
