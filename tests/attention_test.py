@@ -7,9 +7,13 @@
 * The cuDNN arguments (segment ids as a mask) run through XLA's implementation equal the reference: a packed
   document attending to another one (maxtext#4476) fails this.
 * The whole relaxed recursive model, forward and gradient, attention=splash equals attention=xla (both strategies).
+* On 4 fake devices splash runs in its shard_map (rows over fsdp, heads over tensor) and still equals xla.
 """
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -172,3 +176,36 @@ def test_model_splash_equals_xla(strategy):
     assert rel(ls, lx) < 1e-5
     for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gx)):
         assert rel(a, b) < 1e-4
+
+
+SHARDED = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+import attention_test as t
+from rrt import attention, sharding
+mesh = sharding.make_mesh((1, 2, 2))  # rows over fsdp, heads (4 query, 2 key/value) over tensor
+pos, seg = t.packed_rows()
+q, k, v = t.qkv(4, 2)
+def f(kind):
+    def loss(q, k, v):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            out = attention.self_attention(q, k, v, pos, seg, kind=kind)
+        return jnp.sum(out * out)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+put = lambda a: jax.device_put(a, jax.NamedSharding(mesh, jax.P("fsdp", None, "tensor", None)))
+(lx, gx), (ls, gs) = f("xla")(*map(put, (q, k, v))), f("splash")(*map(put, (q, k, v)))
+assert "shard_map" in str(jax.make_jaxpr(f("splash"))(q, k, v))
+print("ERR", max([t.rel(ls, lx)] + [t.rel(a, b) for a, b in zip(gs, gx)]))
+"""
+
+
+def test_splash_sharded_over_rows_and_heads_equals_xla():
+    """4 fake devices (a subprocess: device counts are fixed before JAX starts): splash in its shard_map, rows over
+    fsdp and heads over tensor, equals xla in value and gradients."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    err = float(out.stdout.split("ERR")[-1])
+    assert err < 1e-5
