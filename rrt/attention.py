@@ -28,7 +28,8 @@ Design notes.
   rows over the table's `batch` axes and heads over `heads` (rrt/sharding.py RULES; an axis that does not divide
   the dimension is replicated, as for parameters), one kernel per local row (vmap). Off TPU it runs in Pallas
   interpret mode (tests on CPU). Block sizes are the largest of 512, 256, 128 dividing T (the kernel needs
-  multiples of 128; "auto" takes xla for other lengths, an explicit "splash" raises).
+  multiples of 128): rows of other lengths (evaluation windows of seq_len - 1 tokens, prefill) run xla, also under
+  an explicit "splash"; rrt.train refuses a training seq_len that splash cannot take.
 * cuDNN: `jax.nn.dot_product_attention(implementation="cudnn")` has no segment ids; `cudnn_arguments` passes
   them as a dense [B, 1, T, S] boolean mask (turned into an additive bias by JAX, B * T * S elements: 128 MiB per
   8k-token row in bfloat16) beside `is_causal` and the window. MaxText's cuDNN path once dropped the segment ids
@@ -142,6 +143,8 @@ def self_attention(
     """Causal self-attention over (packed) rows with the kernel `kind` (see the module notes on masks)."""
     b, t, n, h = q_BxTxNxH.shape
     kind = resolve(kind, seq_len=t, head_dim=h, dtype=q_BxTxNxH.dtype, soft_cap=soft_cap)
+    if kind == "splash" and splash_block(t) is None:  # e.g. evaluation windows of seq_len - 1 tokens
+        kind = "xla"
     if kind == "splash":
         return splash(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, segment_ids_BxT, sliding_window, soft_cap, scale)
     if kind == "cudnn":

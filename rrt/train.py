@@ -5,6 +5,7 @@ Reading order: `main` (setup: distributed, mesh, model from the source or the wo
 resumes from the newest complete checkpoint in the workdir; SIGTERM (preemption) saves one and exits.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -23,6 +24,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_dict, config_flags
 
+from rrt import attention as attention_lib
 from rrt import config as config_lib
 from rrt import convert as convert_lib
 from rrt import flops as flops_lib
@@ -380,6 +382,8 @@ def build_step(c, cfg: model_lib.ModelConfig, teacher_cfg: model_lib.ModelConfig
         c.remat != "none",
         c.loss.chunk_tokens,
     )
+    if c.attention == "splash" and attention_lib.splash_block(c.data.seq_len) is None:  # else it would run xla
+        raise ValueError(f"attention='splash' needs rows of a multiple of 128 tokens; data.seq_len={c.data.seq_len}")
     opt_cfg = optim_lib.OptimConfig(**{k: v for k, v in c.optim.items()}, total_steps=c.steps)
     graphdef, abstract_state = nnx.split(model_lib.abstract(cfg))
     abstract_params = nnx.to_pure_dict(abstract_state)
@@ -634,7 +638,7 @@ def loop(
                 logger.write(step, m)
                 last_time, window_tokens = now, 0.0
             if c.eval_every and step % c.eval_every == 0 and step < c.steps:
-                logger.write(step, evaluate(c, nnx.merge(graphdef, params), tokenizer))
+                logger.write(step, evaluate(c, nnx.merge(graphdef, params), tokenizer, mesh))
             data_state = iterator.get_state()
             preempted = preemption.reached(step)  # once per step, on every host
             final = step == c.steps or preempted
@@ -648,7 +652,7 @@ def loop(
                     flush=True,
                 )
                 return
-        logger.write(step, evaluate(c, nnx.merge(graphdef, params), tokenizer))
+        logger.write(step, evaluate(c, nnx.merge(graphdef, params), tokenizer, mesh))
     finally:
         bar.close()
         mngr.wait_until_finished()
@@ -671,10 +675,12 @@ def eval_spec(c: config_dict.ConfigDict) -> heldout.Spec:
     )
 
 
-def evaluate(c, model: model_lib.Decoder, tokenizer) -> dict[str, float]:
-    """Held-out perplexity (per loop) and optional few-shot tasks, as flat scalar metrics."""
+def evaluate(c, model: model_lib.Decoder, tokenizer, mesh=None) -> dict[str, float]:
+    """Held-out perplexity (per loop) and optional few-shot tasks, as flat scalar metrics. Under the training mesh
+    (when given), so that splash attention finds a mesh to shard_map over (rrt/attention.py)."""
     texts = heldout.heldout_texts(config_lib.data_sources(c), config_lib.heldout_names(c))
-    return heldout.flat_metrics(heldout.evaluate(model, tokenizer, eval_spec(c), texts), model.cfg.n_loops)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return heldout.flat_metrics(heldout.evaluate(model, tokenizer, eval_spec(c), texts), model.cfg.n_loops)
 
 
 _HELP = ("-h", "--help", "-?", "--helpshort")
