@@ -9,7 +9,8 @@ published config.json) or, when `config.source` is a directory with a config.jso
 bytes of parameters, optimizer state, batch, XLA's temporaries and outputs against the chip's HBM; per step XLA's
 FLOPs beside rrt/flops.py's, XLA's estimated step time (when its cost model gives one) and the MFU it implies; the
 collectives in the compiled HLO by kind with their result bytes (each op counted once, also inside loop bodies);
-and the compile time. Exits 1 when the step does not fit, naming the largest buffers.
+the Pallas kernel calls (splash attention, `--config.attention`); and the compile time. Exits 1 when the step does
+not fit, naming the largest buffers.
 
 Slice names: `v5e-256`, `v6e-64` (chips), `v4-64`, `v5p-128` (TensorCores, 2 per chip), or the raw `v5e:16x16` form.
 """
@@ -246,6 +247,7 @@ def analyze(c, topology: str) -> dict:
         "peak_flops_per_chip": peak,
         "mfu_at_step_time": (rrt_step / (step_s * n * peak)) if step_s else None,
         "collectives": collectives(hlo),
+        "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),  # Pallas calls: splash attention
         "compile_s": {"lower": t1 - t0, "compile": t2 - t1},
         "xla_optimal_seconds": float(cost.get("optimal_seconds", -1.0)),
     }
@@ -293,6 +295,8 @@ def table(r: dict) -> str:
     lines.append("collectives (per chip, ops in the compiled HLO, loop bodies counted once):")
     for k, v in r["collectives"].items():
         lines.append(f"  {k:<20}{v['count']:5d} ops {v['bytes'] / 2**20:12.1f} MiB")
+    if r["mosaic_kernels"]:
+        lines.append(f"Pallas (Mosaic) kernel calls in the HLO: {r['mosaic_kernels']}")
     lines.append(f"compile: lower {r['compile_s']['lower']:.1f} s, compile {r['compile_s']['compile']:.1f} s")
     if not r["fits"]:
         lines.append("DOES NOT FIT; largest buffers:")

@@ -231,6 +231,9 @@ def get_config() -> config_dict.ConfigDict:
     c.recursion.per_position_norms = "auto"  # auto (on when relaxed) | true | false
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters and optimizer state stay float32)
     c.remat = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+    # attention kernel (rrt/attention.py): auto (splash on TPU, cudnn on GPU where it applies, else xla) | xla |
+    # splash | cudnn. Like dtype and remat, a compute choice: it applies to converted and scratch models alike
+    c.attention = "auto"
     # --- Data ----------------------------------------------------------------------------------------------------
     c.data = config_dict.ConfigDict()
     # each source: kind files|tfds, glob or name (+ data_dir), split, text_field, doc_separator,

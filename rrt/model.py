@@ -22,6 +22,9 @@ Design notes.
   other weight. Relaxed models keep them per position by default (`per_position_norms`, set by conversion): a few
   vectors per position (2D parameters per position in total), and what makes a full-rank relaxed model reproduce
   the original exactly (LoRA relaxes matrices, not vectors).
+* Attention lives in rrt/attention.py: `attention` picks the kernel of the no-cache path (xla, Pallas splash on
+  TPU, cuDNN on GPU; "auto" by platform at trace time). Splash and cuDNN mask by index, which equals the position
+  mask for packed rows (positions consecutive within each document); decoding with a KV cache always runs xla.
 """
 
 import dataclasses
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rrt import attention as attention_lib
 from rrt import lora
 
 STRATEGIES = ("cycle", "sequence")
@@ -76,6 +80,10 @@ class ModelConfig:
     # Compute.
     dtype: str = "float32"  # activation/matmul dtype; parameters keep their own dtype
     remat: str = "none"  # none | full | dots (save matmul outputs)
+    # Attention kernel of the no-cache path (training, prefill): auto | xla | splash | cudnn; auto resolves at trace
+    # time to splash on TPU, cudnn on GPU (where it supports the call), else xla (rrt/attention.py). Decoding with
+    # a KV cache always runs xla.
+    attention: str = "auto"
 
     def __post_init__(self):
         def bad(msg):
@@ -96,6 +104,8 @@ class ModelConfig:
             bad(f"unknown act {self.act!r}")
         if self.remat not in REMAT_POLICIES:
             bad(f"unknown remat {self.remat!r}; expected one of {REMAT_POLICIES}")
+        if self.attention not in attention_lib.KINDS:
+            bad(f"unknown attention {self.attention!r}; expected one of {attention_lib.KINDS}")
         if not 0 < self.rotary_pct <= 1:
             bad(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")
         for name, rank, dims in (
@@ -328,18 +338,6 @@ def rope(cfg: ModelConfig, x_BxTxNxH: jax.Array, positions_BxT: jax.Array) -> ja
     return jnp.concatenate([rotated, x_pass], axis=-1) if rd < cfg.head_dim else rotated
 
 
-def attend(q_BxTxNxH, k_BxSxGxH, v_BxSxGxH, mask_BxTxS) -> jax.Array:
-    """Grouped-query softmax attention in float32; returns [B, T, N, H]."""
-    b, t, n, h = q_BxTxNxH.shape
-    g = k_BxSxGxH.shape[2]
-    q = q_BxTxNxH.reshape(b, t, g, n // g, h)
-    logits = jnp.einsum("btgnh,bsgh->bgnts", q, k_BxSxGxH, preferred_element_type=jnp.float32) / math.sqrt(h)
-    logits = jnp.where(mask_BxTxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxH.dtype)
-    out = jnp.einsum("bgnts,bsgh->btgnh", probs, v_BxSxGxH)
-    return out.reshape(b, t, n, h)
-
-
 def _write_cache(cache_BxSxGxH: jax.Array, new_BxTxGxH: jax.Array, start_B: jax.Array) -> jax.Array:
     """Writes each row's new entries at its own start position."""
     return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=0))(
@@ -384,17 +382,16 @@ def block(
         q = rope(cfg, proj("q")(h).reshape(b, t, cfg.n_heads, cfg.head_dim), positions_BxT)
         k = rope(cfg, proj("k")(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim), positions_BxT)
         v = proj("v")(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        if cache is None:
-            mask = positions_BxT[:, None, :] <= positions_BxT[:, :, None]
-            if segment_ids_BxT is not None:
-                mask &= segment_ids_BxT[:, None, :] == segment_ids_BxT[:, :, None]
+        if cache is None:  # cfg.attention's kernel; splash/cudnn mask by index (rrt/attention.py, "Masks")
+            out = attention_lib.self_attention(q, k, v, positions_BxT, segment_ids_BxT, kind=cfg.attention)
             new_cache = None
         else:  # key slot s holds absolute position s; rows may be at different positions
             start = positions_BxT[:, 0]
             new_cache = {"k": _write_cache(cache["k"], k, start), "v": _write_cache(cache["v"], v, start)}
             k, v = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
             mask = jnp.arange(k.shape[1])[None, None, :] <= positions_BxT[:, :, None]
-        out = attend(q, k, v, mask).reshape(b, t, cfg.n_heads * cfg.head_dim)
+            out = attention_lib.attend(q, k, v, mask)
+        out = out.reshape(b, t, cfg.n_heads * cfg.head_dim)
         taps["o_in"] = out
         return proj("o")(out), new_cache
 

@@ -6,6 +6,7 @@ resumes from the newest complete checkpoint in the workdir; SIGTERM (preemption)
 """
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import json
@@ -25,6 +26,7 @@ from etils import epath
 from flax import nnx
 from ml_collections import config_dict, config_flags
 
+from rrt import attention as attention_lib
 from rrt import config as config_lib
 from rrt import convert as convert_lib
 from rrt import flops as flops_lib
@@ -252,7 +254,7 @@ def model_config(c: config_dict.ConfigDict, base: model_lib.ModelConfig | None):
             lora_alpha=r.alpha,
         )
         rec = None
-    return dataclasses.replace(cfg, dtype=c.dtype, remat=c.remat), rec
+    return dataclasses.replace(cfg, dtype=c.dtype, remat=c.remat, attention=c.attention), rec
 
 
 CALIBRATION_FIELDS = ("calib_data", "calib_tokens", "calib_seq_len", "damping")
@@ -337,7 +339,7 @@ def build_model(c, workdir):
                 f"{base.rank_attn}/{base.rank_mlp}), trained as it is; these config fields disagree with it: "
                 f"{'; '.join(bad)}. Leave them at their defaults or match the source"
             )
-        cfg, rec = dataclasses.replace(base, dtype=c.dtype, remat=c.remat), None
+        cfg, rec = dataclasses.replace(base, dtype=c.dtype, remat=c.remat, attention=c.attention), None
     else:
         cfg, rec = model_config(c, base)
     conversion = {
@@ -350,7 +352,7 @@ def build_model(c, workdir):
     if meta_path.exists():
         meta = rrt_dir.read_meta(workdir)
         stored = model_lib.ModelConfig.from_dict(meta["model"])
-        strip = lambda m: dataclasses.replace(m, dtype="float32", remat="none")  # noqa: E731
+        strip = lambda m: dataclasses.replace(m, dtype="float32", remat="none", attention="auto")  # noqa: E731
         stored_conversion = meta.get("conversion")
         if isinstance(stored_conversion, dict):  # its asvd calibration record is checked where it is computed
             stored_conversion = {k: v for k, v in stored_conversion.items() if k != "calibration"}
@@ -416,6 +418,19 @@ def save_tokenizer(tokenizer, path: epath.Path) -> None:
             paths.write_atomic(path / name, epath.Path(tmp, name).read_bytes())
 
 
+def under_mesh(mesh, fn, **kw):
+    """`fn` with `kw` bound, traced with the mesh's abstract mesh in context: shard_map'd kernels (splash attention)
+    find the mesh there, and attention="auto" resolves for the mesh's platform, so a TPU step compiled ahead of time
+    on a CPU host (rrt.aot) gets splash (rrt/attention.py)."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kw, **kwargs)
+
+    return traced
+
+
 def build_step(c, cfg: model_lib.ModelConfig, teacher_cfg: model_lib.ModelConfig | None, mesh):
     """Everything about the train step that needs no data or weights: the abstract parameters, the optimizer, the
     shardings of parameters, optimizer state and teacher, and the jitted step. `rrt.train.main` trains with it;
@@ -428,6 +443,8 @@ def build_step(c, cfg: model_lib.ModelConfig, teacher_cfg: model_lib.ModelConfig
         c.remat != "none",
         c.loss.chunk_tokens,
     )
+    if c.attention == "splash" and attention_lib.splash_block(c.data.seq_len) is None:  # else it would run xla
+        raise ValueError(f"attention='splash' needs rows of a multiple of 128 tokens; data.seq_len={c.data.seq_len}")
     opt_cfg = optim_lib.OptimConfig(**{k: v for k, v in c.optim.items()}, total_steps=c.steps)
     graphdef, abstract_state = nnx.split(model_lib.abstract(cfg))
     abstract_params = nnx.to_pure_dict(abstract_state)
@@ -438,13 +455,14 @@ def build_step(c, cfg: model_lib.ModelConfig, teacher_cfg: model_lib.ModelConfig
     opt_sh = sharding_lib.opt_state_shardings(opt, abstract_opt, param_sh, mesh)
     teacher_graphdef = teacher_abstract = teacher_sh = None
     if teacher_cfg is not None:
-        teacher_cfg = dataclasses.replace(teacher_cfg, dtype=c.dtype)
+        teacher_cfg = dataclasses.replace(teacher_cfg, dtype=c.dtype, attention=c.attention)
         teacher_graphdef, t_state = nnx.split(model_lib.abstract(teacher_cfg))
         teacher_abstract = nnx.to_pure_dict(t_state)
         teacher_sh = sharding_lib.param_shardings(teacher_abstract, mesh)
     constrain = sharding_lib.shared_gather_constraint(mesh) if c.gather_shared else None
     step_fn = jax.jit(
-        functools.partial(
+        under_mesh(
+            mesh,
             train_step,
             opt=opt,
             n_micro=c.grad_accum,
@@ -533,7 +551,8 @@ def main(argv) -> None:
             )
     if jax.process_index() == 0 and not (workdir / rrt_dir.META).exists():
         save_tokenizer(tokenizer, workdir / "tokenizer")
-        meta = {"format": 1, "model": cfg.to_dict(), "conversion": conversion}
+        # the kernel is the platform's choice, not the model's: a CPU evaluation of this run must not get splash
+        meta = {"format": 1, "model": dataclasses.replace(cfg, attention="auto").to_dict(), "conversion": conversion}
         paths.write_atomic(workdir / rrt_dir.META, json.dumps(meta, indent=2))
 
     with_sh = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)  # noqa: E731
@@ -705,7 +724,7 @@ def loop(
                 logger.write(step, m)
                 last_time, window_tokens = now, 0.0
             if c.eval_every and step % c.eval_every == 0 and step < c.steps:
-                logger.write(step, evaluate(c, nnx.merge(graphdef, params), tokenizer))
+                logger.write(step, evaluate(c, nnx.merge(graphdef, params), tokenizer, mesh))
             data_state = iterator.get_state()
             preempted = preemption.reached(step)  # once per step, on every host
             final = step == c.steps or preempted
@@ -719,7 +738,7 @@ def loop(
                     flush=True,
                 )
                 return
-        logger.write(step, evaluate(c, nnx.merge(graphdef, params), tokenizer))
+        logger.write(step, evaluate(c, nnx.merge(graphdef, params), tokenizer, mesh))
     finally:
         bar.close()
         mngr.wait_until_finished()
@@ -742,10 +761,12 @@ def eval_spec(c: config_dict.ConfigDict) -> heldout.Spec:
     )
 
 
-def evaluate(c, model: model_lib.Decoder, tokenizer) -> dict[str, float]:
-    """Held-out perplexity (per loop) and optional few-shot tasks, as flat scalar metrics."""
+def evaluate(c, model: model_lib.Decoder, tokenizer, mesh=None) -> dict[str, float]:
+    """Held-out perplexity (per loop) and optional few-shot tasks, as flat scalar metrics. Under the training mesh
+    (when given), so that splash attention finds a mesh to shard_map over (rrt/attention.py)."""
     texts = heldout.heldout_texts(config_lib.data_sources(c), config_lib.heldout_names(c))
-    return heldout.flat_metrics(heldout.evaluate(model, tokenizer, eval_spec(c), texts), model.cfg.n_loops)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return heldout.flat_metrics(heldout.evaluate(model, tokenizer, eval_spec(c), texts), model.cfg.n_loops)
 
 
 _HELP = ("-h", "--help", "-?", "--helpshort")

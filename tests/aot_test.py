@@ -55,6 +55,7 @@ def test_tiny_compiles_for_v5e_2x2():
     assert 0 < m["params"] <= m["arguments"] and m["total"] < m["hbm"]
     assert r["flops"]["xla_per_chip"] > 0 and r["flops"]["rrt_per_step"] > 0
     assert "all-gather" in r["collectives"]  # fsdp over 4 chips gathers the parameters
+    assert r["mosaic_kernels"] == 0  # rows of 64 tokens: attention="auto" takes xla (splash needs 128)
 
 
 # (preset, the slice its docstring names)
@@ -71,3 +72,15 @@ PODS = [
 def test_pod_presets_fit(preset, topology):
     r = aot.analyze(_preset(preset), topology)
     assert r["fits"], aot.table(r)
+
+
+def test_tiny_with_splash_attention_compiles_for_v5e_2x2():
+    """The Mosaic kernel inside the step's shard_map (rows over fsdp's 4 chips) compiles for the TPU and fits."""
+    c = _preset("tiny")
+    c.attention = "splash"
+    c.data.seq_len = 128  # splash blocks are multiples of 128 tokens
+    r = aot.analyze(c, "v5e:2x2")
+    assert r["fits"] and r["config"]["chips"] == 4
+    assert r["mosaic_kernels"] > 0  # splash's forward and backward kernels
+    c.attention = "auto"  # resolves by the mesh's platform (TPU), not this CPU's
+    assert aot.analyze(c, "v5e:2x2")["mosaic_kernels"] == r["mosaic_kernels"]
