@@ -133,3 +133,47 @@ def test_export_of_a_relaxed_recursive_model(make, tmp_path):
     err = hf_parity_test.rel_error(export_test.hf_logits(out, ids), export_test.rrt_logits(source, ids))
     print(f"relative error {err:.2e}")
     assert err < 1e-5
+
+
+# Decoding: the cache path, the deep-KV projection and depth-wise batching (per-row qk-norm weights) with the new
+# switches, on decode_test's tiny random recursive models.
+SWITCHES = {"qwen3": dict(qk_norm="head"), "olmo2": dict(qk_norm="proj", norm_position="post")}
+
+
+@pytest.mark.parametrize("switches", SWITCHES.values(), ids=SWITCHES)
+def test_decoding_with_the_new_switches(switches):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from decode_test import NEW, forward, prompts, tiny
+    from depthwise_test import BUDGETS, LENGTHS, MAX_LEN, alone
+
+    from rrt import model as model_lib
+    from rrt.decode import cache as decode
+    from rrt.decode import depthwise, early_exit
+
+    m = tiny("cycle", 4, seed=2, **switches)
+    assert m.cfg.norm_names()[-2:] == ["q_norm", "k_norm"] and "relax/q_norm" in model_lib.flat_params(m)
+    ps = prompts()
+    out = decode.generate(m, ps, NEW, return_logits=True)
+    seqs, _ = decode.padded_prompts([p + t[:-1] for p, t in zip(ps, out.tokens)], len(ps))
+    full_BxTxV, _ = forward(m, seqs)
+    for p, logits, full in zip(ps, out.logits, full_BxTxV):
+        assert hf_parity_test.rel_error(logits, full[len(p) - 1 : len(p) - 1 + NEW]) < 1e-5
+
+    cfg, w, l = m.cfg, m.weights(), 4
+    wl = {
+        **model_lib.shared_layer(w["layers"], cfg.layer_ids().reshape(-1)[l]),
+        **{n: v[l] for n, v in w["relax"].items()},
+    }
+    x, pos = jax.random.normal(jax.random.key(0), (2, 1, cfg.d_model)), jnp.array([[3], [7]])
+    cache = {n: jnp.zeros((2, 16, cfg.n_kv_heads, cfg.head_dim)) for n in ("k", "v")}
+    _, written = model_lib.block(cfg, wl, x, pos, None, cache)
+    k, v = early_exit.kv_projection(cfg, wl, x, pos)
+    np.testing.assert_allclose(written["k"][jnp.arange(2), pos[:, 0]], k[:, 0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(written["v"][jnp.arange(2), pos[:, 0]], v[:, 0], rtol=1e-6, atol=1e-6)
+
+    ps = prompts(3, LENGTHS)
+    rule = early_exit.ExitRule("max_prob", 0.5)
+    got = depthwise.generate(m, ps, BUDGETS, slots=2, rule=rule, max_len=MAX_LEN, n_steps=2)
+    assert got.tokens == alone(m, ps, rule).tokens
