@@ -151,8 +151,8 @@ def config_from_hf(hf: dict, where: str = CONFIG) -> model.ModelConfig:
         d_ff=hf["intermediate_size"],
         act=_act(hf, family),
     )
+    _refuse_unimplemented(hf, family)
     if family == "gpt_neox":
-        _refuse_unimplemented(hf, family)
         bias = hf.get("attention_bias", True)
         return model.ModelConfig(
             **common,
@@ -169,9 +169,9 @@ def config_from_hf(hf: dict, where: str = CONFIG) -> model.ModelConfig:
             **_rope(hf, 0.25),
             tie_embeddings=hf.get("tie_word_embeddings", False),
         )
-    _refuse_unimplemented(hf, family)
     gemma = family == "gemma"
     bias = hf.get("attention_bias", False)
+    # mlp_bias is a LlamaConfig field only; the other families' MLPs have no biases.
     switches = dict(attn_bias=bias, o_bias=bias, mlp_bias=hf.get("mlp_bias", False) if family == "llama" else False)
     if family == "qwen2":  # biases on q, k, v only, always (Qwen2Attention)
         switches.update(attn_bias=True, o_bias=False)
