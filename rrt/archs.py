@@ -1,4 +1,4 @@
-"""Published Hugging Face config.json contents of the paper's source models.
+"""Published Hugging Face config.json contents of the paper's source models and of the other families rrt loads.
 
 Presets use them to describe their model when the checkpoint is not at hand (shape checks with jax.eval_shape,
 FLOP estimates); at training time the checkpoint's own config.json is what counts.
@@ -67,10 +67,83 @@ SMOLLM2_135M = {
     "max_position_embeddings": 8192,
     "tie_word_embeddings": True,
 }
+LLAMA_3_2_1B = {  # meta-llama/Llama-3.2-1B
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": True,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+QWEN2_5_0_5B = {  # Qwen/Qwen2.5-0.5B
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 32768,
+    "use_sliding_window": False,
+    "sliding_window": 32768,
+    "max_window_layers": 24,
+    "tie_word_embeddings": True,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+}
+QWEN3_0_6B = {  # Qwen/Qwen3-0.6B
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "vocab_size": 151936,
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000,
+    "rope_scaling": None,
+    "max_position_embeddings": 40960,
+    "use_sliding_window": False,
+    "sliding_window": None,
+    "max_window_layers": 28,
+    "tie_word_embeddings": True,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
 # Published parameter counts (embeddings included).
 PUBLISHED_PARAMS = {
     "smollm2_135m": 134_515_008,
     "gemma_2b": 2_506_172_416,
     "tinyllama_1b": 1_100_048_384,
     "pythia_1b": 1_011_781_632,
+    "llama_3_2_1b": 1_235_814_400,
+    "qwen2_5_0_5b": 494_032_768,
+    "qwen3_0_6b": 596_049_920,  # tied embeddings
 }

@@ -1,4 +1,5 @@
-"""One Flax NNX decoder for Llama, Gemma (v1) and GPT-NeoX, vanilla or (relaxed) recursive.
+"""One Flax NNX decoder for Llama (2, 3.x), Qwen2/2.5, Qwen3, OLMo 2, Gemma (v1) and GPT-NeoX, vanilla or (relaxed)
+recursive.
 
 Dimension legend, used in names such as `x_BxTxD`:
   B batch, T query time, S key time (cache length), D model width, N query heads, G key/value heads,
@@ -8,7 +9,8 @@ Design notes.
 * A vanilla model is the special case K = L, R = 1, rank 0 of the recursive one: there is one code path.
 * Parameters (flat names, used by loaders, conversion, checkpoints and the sharding table):
     embed                [V, D]
-    layers/<w>           [K, ...]   the shared block weights (q, k, v, o, gate, up, down, biases, norms)
+    layers/<w>           [K, ...]   the shared block weights (q, k, v, o, gate, up, down, biases, norms; with qk-norm
+                                    `q_norm`, `k_norm`: [K, H] per head (Qwen3) or [K, N*H] / [K, G*H] (OLMo 2))
     relax/<w>            [L, ...]   per-depth-position weights: LoRA factors `<proj>_a`, `<proj>_b`, and the
                                     vector parameters (norm weights, projection biases) when `per_position_norms`
     final_norm[_bias]    [D]
@@ -25,6 +27,10 @@ Design notes.
 * Attention lives in rrt/attention.py: `attention` picks the kernel of the no-cache path (xla, Pallas splash on
   TPU, cuDNN on GPU; "auto" by platform at trace time). Splash and cuDNN mask by index, which equals the position
   mask for packed rows (positions consecutive within each document); decoding with a KV cache always runs xla.
+* Families differ only by switches of ModelConfig: where the block's norms sit (`norm_position`: before the
+  sub-blocks, or OLMo 2's after them, on their outputs), whether q and k are RMS-normed before RoPE (`qk_norm`: per
+  head or over the whole projection), and how RoPE frequencies are scaled (`rope_scaling`: Llama 3's band-wise
+  `llama3` or `linear`). `attend` and the masks are the same for all.
 """
 
 import dataclasses
@@ -43,11 +49,14 @@ STRATEGIES = ("cycle", "sequence")
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 ATTN_PROJECTIONS = ("q", "k", "v", "o")
 REMAT_POLICIES = ("none", "full", "dots")
+QK_NORMS = ("none", "head", "proj")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+NORM_POSITIONS = ("pre", "post")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture plus recursion. Every field has a meaning for all three families."""
+    """Architecture plus recursion. Every field has a meaning for every family."""
 
     vocab_size: int
     d_model: int
@@ -56,18 +65,25 @@ class ModelConfig:
     n_kv_heads: int
     head_dim: int
     d_ff: int
-    family: str = "llama"  # llama | gemma | neox (documentation; behaviour comes from the switches below)
+    family: str = "llama"  # llama | gemma | neox | qwen2 | qwen3 | olmo2 (names the HF format; behaviour: switches)
     norm: str = "rms"  # rms | layer (LayerNorm with bias)
     norm_eps: float = 1e-5
     norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w): offset 1
     act: str = "silu"  # silu | gelu_tanh | gelu
     gated_mlp: bool = True  # SwiGLU/GeGLU: down(act(gate x) * up x); else down(act(up x))
     parallel_residual: bool = False  # NeoX: x + attn(ln1 x) + mlp(ln2 x)
+    norm_position: str = "pre"  # pre: x + f(norm x); post (OLMo 2): x + norm(f(x))
+    qk_norm: str = "none"  # RMSNorm of q and k before RoPE: none | head (Qwen3, over H) | proj (OLMo 2, over N*H)
     attn_bias: bool = False  # biases on q, k, v
     o_bias: bool = False
     mlp_bias: bool = False
     rope_theta: float = 10000.0
     rotary_pct: float = 1.0  # fraction of head_dim that is rotated (NeoX: 0.25)
+    rope_scaling: str = "none"  # none | linear (frequencies / factor) | llama3 (Llama 3.x band-wise scaling)
+    rope_factor: float = 1.0  # linear and llama3
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / low_freq_factor are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / high_freq_factor are kept
+    rope_original_positions: int = 8192  # llama3: the pretraining context (original_max_position_embeddings)
     tie_embeddings: bool = True
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(D)
     # Recursion.
@@ -106,6 +122,17 @@ class ModelConfig:
             bad(f"unknown remat {self.remat!r}; expected one of {REMAT_POLICIES}")
         if self.attention not in attention_lib.KINDS:
             bad(f"unknown attention {self.attention!r}; expected one of {attention_lib.KINDS}")
+        for name, allowed in (
+            ("qk_norm", QK_NORMS),
+            ("rope_scaling", ROPE_SCALINGS),
+            ("norm_position", NORM_POSITIONS),
+        ):
+            if getattr(self, name) not in allowed:
+                bad(f"unknown {name} {getattr(self, name)!r}; expected one of {allowed}")
+        if self.norm_position == "post" and self.parallel_residual:
+            bad("norm_position='post' with parallel_residual is not a model anyone ships")
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            bad(f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed rope_low_freq_factor")
         if not 0 < self.rotary_pct <= 1:
             bad(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")
         for name, rank, dims in (
@@ -168,7 +195,14 @@ class ModelConfig:
 
     def norm_names(self) -> list[str]:
         names = ["attn_norm", "mlp_norm"]
-        return names + [n + "_bias" for n in names] if self.norm == "layer" else names
+        names = names + [n + "_bias" for n in names] if self.norm == "layer" else names
+        return names + (["q_norm", "k_norm"] if self.qk_norm != "none" else [])
+
+    def norm_dim(self, name: str) -> int:
+        """The length of norm weight `name` (a name of `norm_names`)."""
+        if name in ("q_norm", "k_norm") and self.qk_norm == "proj":
+            return (self.n_heads if name == "q_norm" else self.n_kv_heads) * self.head_dim
+        return self.head_dim if name in ("q_norm", "k_norm") else self.d_model
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,7 +229,7 @@ def param_axes(name: str) -> tuple[str | None, ...]:
     base = leaf.removesuffix("_a").removesuffix("_b").removesuffix("_bias")
     out_axis = {"q": "heads", "k": "kv", "v": "kv", "o": "embed", "gate": "mlp", "up": "mlp", "down": "embed"}
     in_axis = {"o": "heads", "down": "mlp"}
-    if base in ("attn_norm", "mlp_norm"):
+    if base in ("attn_norm", "mlp_norm", "q_norm", "k_norm"):
         return (stack, "norm")
     if leaf.endswith("_bias"):
         return (stack, out_axis[base])
@@ -230,7 +264,7 @@ class Decoder(nnx.Module):
                 self.relax[name + "_b"] = nnx.Param(jnp.zeros((l, r, dout)))
         for name in cfg.norm_names():
             init = 0.0 if name.endswith("_bias") or cfg.norm_offset else 1.0
-            vectors[name] = nnx.Param(jnp.full((n_vec, d), init))
+            vectors[name] = nnx.Param(jnp.full((n_vec, cfg.norm_dim(name)), init))
         self.final_norm = nnx.Param(jnp.full((d,), 0.0 if cfg.norm_offset else 1.0))
         if cfg.norm == "layer":
             self.final_norm_bias = nnx.Param(jnp.zeros((d,)))
@@ -306,9 +340,11 @@ class Decoder(nnx.Module):
 
 
 def norm(cfg: ModelConfig, x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """RMSNorm (optionally Gemma's 1 + w) or LayerNorm, computed in float32. w may be [D] or per example [B, D]."""
-    if w.ndim == 2:  # per-example weights (depth-wise batching): broadcast over time
-        w, b = w[:, None], (b[:, None] if b is not None else None)
+    """RMSNorm (optionally Gemma's 1 + w) or LayerNorm over the last axis, computed in float32. w may be [D] or per
+    example [B, D] (x [B, ..., D])."""
+    if w.ndim == 2:  # per-example weights (depth-wise batching): broadcast over time (and heads)
+        expand = (w.shape[0],) + (1,) * (x.ndim - 2) + (w.shape[1],)
+        w, b = w.reshape(expand), (b.reshape(expand) if b is not None else None)
     x32 = x.astype(jnp.float32)
     if cfg.norm == "rms":
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
@@ -326,10 +362,33 @@ def _act(cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=cfg.act == "gelu_tanh")
 
 
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """[rotary_dim / 2] float32 inverse frequencies, scaled as `rope_scaling` says. Computed in float32 with
+    transformers' expressions (modeling_rope_utils), so both sides round alike."""
+    rd = cfg.rotary_dim
+    exponent = np.arange(0, rd, 2).astype(np.float32) / np.float32(rd)
+    inv_freq = (1.0 / np.float32(cfg.rope_theta) ** exponent).astype(np.float32)
+    if cfg.rope_scaling == "linear":
+        return (inv_freq / np.float32(cfg.rope_factor)).astype(np.float32)
+    if cfg.rope_scaling == "llama3":  # long wavelengths / factor, short kept, a smooth blend between
+        factor, low, high = (
+            np.float32(v) for v in (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor)
+        )
+        old = np.float32(cfg.rope_original_positions)
+        low_wavelen, high_wavelen = old / low, old / high
+        wavelen = np.float32(2 * math.pi) / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
 def rope(cfg: ModelConfig, x_BxTxNxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
     """Rotary embedding in the Hugging Face (rotate-half) layout on the first `rotary_dim` dims of each head."""
     rd = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
     freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rd/2]
     cos, sin = jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
     x_rot, x_pass = x_BxTxNxH[..., :rd].astype(jnp.float32), x_BxTxNxH[..., rd:]
@@ -354,6 +413,34 @@ def tap_of(proj: str) -> str:
     return next(t for t, projs in TAPS.items() if proj in projs)
 
 
+def projection(cfg: ModelConfig, w: dict, name: str):
+    """x -> x W (+ bias) (+ s x a b): projection `name` of the block weights `w` (see `block`)."""
+    base = lambda x: lora.dense(x, w[name], w.get(name + "_bias"))  # noqa: E731
+    factors = (w[name + "_a"], w[name + "_b"], w.get("lora_group")) if name + "_a" in w else None
+    return lora.wrap(base, factors, cfg.lora_scale(name))
+
+
+def attn_input(cfg: ModelConfig, w: dict, x_BxTxD: jax.Array) -> jax.Array:
+    """What q, k and v project: the normed residual (pre-norm), or the residual itself (post-norm, OLMo 2)."""
+    if cfg.norm_position == "post":
+        return x_BxTxD
+    return norm(cfg, x_BxTxD, w["attn_norm"], w.get("attn_norm_bias"))
+
+
+def heads(cfg: ModelConfig, w: dict, name: str, h_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    """q, k or v [B, T, N or G, H] of the attention input h: projected, qk-normed (q, k; OLMo 2 over the whole
+    projection, Qwen3 per head), split into heads, rotated (q, k)."""
+    b, t, _ = h_BxTxD.shape
+    y_BxTxF = projection(cfg, w, name)(h_BxTxD)
+    rotated = name in ("q", "k")
+    if rotated and cfg.qk_norm == "proj":
+        y_BxTxF = norm(cfg, y_BxTxF, w[name + "_norm"])
+    y = y_BxTxF.reshape(b, t, -1, cfg.head_dim)
+    if rotated and cfg.qk_norm == "head":
+        y = norm(cfg, y, w[name + "_norm"])
+    return rope(cfg, y, positions_BxT) if rotated else y
+
+
 def block(
     cfg: ModelConfig,
     w: dict,
@@ -367,21 +454,18 @@ def block(
     (`<proj>_a`, `<proj>_b`, optionally with a leading per-example axis, or stacked [G, ...] and selected per
     example by a one-hot `lora_group` [B, G]: see `lora.delta`). Returns (x, updated cache entry).
     `taps` (a dict, filled in place within the caller's trace) receives the input of every projection group (see
-    TAPS): the normed attention input, the attention output before `o`, the normed MLP input, `down`'s input."""
+    TAPS): the attention input (`attn_input`), the attention output before `o`, the MLP input (normed unless
+    post-norm), `down`'s input."""
     taps = {} if taps is None else taps
     b, t, _ = x_BxTxD.shape
     dtype = x_BxTxD.dtype
 
     def proj(name):
-        base = lambda x: lora.dense(x, w[name], w.get(name + "_bias"))  # noqa: E731
-        factors = (w[name + "_a"], w[name + "_b"], w.get("lora_group")) if name + "_a" in w else None
-        return lora.wrap(base, factors, cfg.lora_scale(name))
+        return projection(cfg, w, name)
 
     def attention(h):
         taps["attn_in"] = h
-        q = rope(cfg, proj("q")(h).reshape(b, t, cfg.n_heads, cfg.head_dim), positions_BxT)
-        k = rope(cfg, proj("k")(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim), positions_BxT)
-        v = proj("v")(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        q, k, v = (heads(cfg, w, name, h, positions_BxT) for name in "qkv")
         if cache is None:  # cfg.attention's kernel; splash/cudnn mask by index (rrt/attention.py, "Masks")
             out = attention_lib.self_attention(q, k, v, positions_BxT, segment_ids_BxT, kind=cfg.attention)
             new_cache = None
@@ -402,8 +486,11 @@ def block(
         taps["down_in"] = hidden
         return proj("down")(hidden)
 
-    attn_out, new_cache = attention(norm(cfg, x_BxTxD, w["attn_norm"], w.get("attn_norm_bias")))
-    if cfg.parallel_residual:
+    attn_out, new_cache = attention(attn_input(cfg, w, x_BxTxD))
+    if cfg.norm_position == "post":  # OLMo 2: each sub-block's output is normed before the residual add
+        x_BxTxD = x_BxTxD + norm(cfg, attn_out, w["attn_norm"], w.get("attn_norm_bias"))
+        x_BxTxD = x_BxTxD + norm(cfg, mlp(x_BxTxD), w["mlp_norm"], w.get("mlp_norm_bias"))
+    elif cfg.parallel_residual:
         x_BxTxD = x_BxTxD + attn_out + mlp(norm(cfg, x_BxTxD, w["mlp_norm"], w.get("mlp_norm_bias")))
     else:
         x_BxTxD = x_BxTxD + attn_out

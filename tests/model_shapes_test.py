@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from rrt import model
+from rrt import archs, model
 from rrt.formats import hf
 
 # The published config.json files (the fields that matter), as on the Hugging Face hub.
@@ -85,6 +85,12 @@ MODELS = {
     "tinyllama-1.1b": (TINYLLAMA_1B, 1_100_048_384),
     "pythia-1b": (PYTHIA_1B, 1_011_781_632),
     "smollm2-135m": (SMOLLM2_135M, 134_515_008),
+    # The other families (rrt/archs.py); e.g. Qwen3-0.6B: embed 151936 * 1024, per layer q 1024 * 2048, k and v
+    # 1024 * 1024, o 2048 * 1024, MLP 3 * 1024 * 3072, norms 2 * 1024 + q/k-norm 2 * 128; 28 layers; final norm
+    # 1024: 596,049,920 (tied head).
+    "llama-3.2-1b": (archs.LLAMA_3_2_1B, archs.PUBLISHED_PARAMS["llama_3_2_1b"]),
+    "qwen2.5-0.5b": (archs.QWEN2_5_0_5B, archs.PUBLISHED_PARAMS["qwen2_5_0_5b"]),
+    "qwen3-0.6b": (archs.QWEN3_0_6B, archs.PUBLISHED_PARAMS["qwen3_0_6b"]),
 }
 
 
@@ -105,6 +111,11 @@ def test_family_switches():
     assert (neox.norm, neox.act, neox.gated_mlp, neox.parallel_residual) == ("layer", "gelu", False, True)
     assert (neox.attn_bias, neox.o_bias, neox.mlp_bias, neox.tie_embeddings) == (True, True, True, False)
     assert (neox.rotary_pct, neox.rotary_dim, neox.rope_theta) == (0.25, 64, 10000.0)
+    llama3, qwen2, qwen3 = (hf.config_from_hf(c) for c in (archs.LLAMA_3_2_1B, archs.QWEN2_5_0_5B, archs.QWEN3_0_6B))
+    assert (llama3.rope_scaling, llama3.rope_factor, llama3.rope_original_positions) == ("llama3", 32.0, 8192)
+    assert (llama3.rope_theta, llama3.tie_embeddings) == (500000.0, True)
+    assert (qwen2.attn_bias, qwen2.o_bias, qwen2.head_dim, qwen2.qk_norm) == (True, False, 64, "none")
+    assert (qwen3.attn_bias, qwen3.qk_norm, qwen3.head_dim, qwen3.norm_dim("q_norm")) == (False, "head", 128, 128)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -121,8 +132,10 @@ def test_config_errors():
         hf.config_from_hf({**TINYLLAMA_1B, "model_type": "mistral"})
     with pytest.raises(ValueError, match="LlamaForSequenceClassification"):
         hf.config_from_hf({**TINYLLAMA_1B, "architectures": ["LlamaForSequenceClassification"]})
-    with pytest.raises(ValueError, match="llama3"):
+    with pytest.raises(ValueError, match="'llama3' needs the field 'low_freq_factor'"):
         hf.config_from_hf({**TINYLLAMA_1B, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(ValueError, match="yarn"):
+        hf.config_from_hf({**TINYLLAMA_1B, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}})
     with pytest.raises(ValueError, match="relu"):
         hf.config_from_hf({**TINYLLAMA_1B, "hidden_act": "relu"})
 

@@ -1,6 +1,6 @@
 """Recursive and relaxed recursive models against transformers (the independent reference).
 
-* Full-rank relaxed models reproduce the original (an HF model) for all three families, both strategies, every init.
+* Full-rank relaxed models reproduce the original (an HF model) for every family, both strategies, every init.
 * Any relaxed or strict recursive model equals an HF model whose layer l holds position l's merged weights
   W' + s * a_l b_l (the "plain loop over positions" reference, computed by transformers, not by rrt).
 * B = 1, rank 0 is the original; zero-init LoRA is the strict recursive model; the HLO does not grow with B.
@@ -69,6 +69,33 @@ def neox_hf(layers=4):
     return randomize(transformers.GPTNeoXForCausalLM(cfg), norm_center=1.0)
 
 
+def qwen3_hf(layers=4):
+    """Per-head qk-norm weights: vector parameters kept per position like the other norms."""
+    cfg = transformers.Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=False,
+    )
+    return randomize(transformers.Qwen3ForCausalLM(cfg), norm_center=1.0)
+
+
+def olmo2_hf(layers=4):
+    cfg = transformers.Olmo2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return randomize(transformers.Olmo2ForCausalLM(cfg), norm_center=1.0)
+
+
 def hf_logits(m) -> np.ndarray:
     with torch.no_grad():
         return m(torch.tensor(ids())).logits.numpy()
@@ -90,7 +117,9 @@ def load(m, tmp_path):
     return formats.load(str(tmp_path))
 
 
-@pytest.mark.parametrize("make", [llama_hf, gemma_hf, neox_hf], ids=["llama", "gemma", "neox"])
+@pytest.mark.parametrize(
+    "make", [llama_hf, gemma_hf, neox_hf, qwen3_hf, olmo2_hf], ids=["llama", "gemma", "neox", "qwen3", "olmo2"]
+)
 def test_full_rank_relaxed_equals_original(make, tmp_path):
     m = make()
     ref = hf_logits(m)

@@ -29,7 +29,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from rrt import lora
 from rrt import model as model_lib
 
 RULES = ("max_prob", "agreement", "cosine")
@@ -108,16 +107,8 @@ def exit_logits(model: model_lib.Decoder, x_BxD: jax.Array, rows_B: jax.Array) -
 
 def kv_projection(cfg: model_lib.ModelConfig, w: dict, x_BxTxD: jax.Array, positions_BxT: jax.Array):
     """The keys and values [B, T, G, H] that `model.block` with weights `w` writes for input x (same expressions)."""
-    b, t, _ = x_BxTxD.shape
-    h = model_lib.norm(cfg, x_BxTxD, w["attn_norm"], w.get("attn_norm_bias"))
-
-    def proj(name):
-        base = lambda x: lora.dense(x, w[name], w.get(name + "_bias"))  # noqa: E731
-        factors = (w[name + "_a"], w[name + "_b"], w.get("lora_group")) if name + "_a" in w else None
-        return lora.wrap(base, factors, cfg.lora_scale(name))(h)
-
-    k = model_lib.rope(cfg, proj("k").reshape(b, t, cfg.n_kv_heads, cfg.head_dim), positions_BxT)
-    return k, proj("v").reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    h = model_lib.attn_input(cfg, w, x_BxTxD)
+    return tuple(model_lib.heads(cfg, w, name, h, positions_BxT) for name in "kv")
 
 
 def _shared(cfg: model_lib.ModelConfig, weights: dict, dtype) -> dict:

@@ -1,6 +1,8 @@
 """Hugging Face checkpoints (config.json + safetensors) -> ModelConfig and flat rrt parameters.
 
-Families: Llama (TinyLlama, SmolLM2), Gemma v1 and GPT-NeoX (Pythia). The reader streams: it preallocates the
+Families: Llama (TinyLlama, SmolLM2, Llama 3.x with its `llama3` RoPE scaling), Qwen2 / Qwen2.5, Qwen3, OLMo 2,
+Gemma v1 and GPT-NeoX (Pythia). A config.json field that would change the function and that rrt does not implement
+(a sliding window, another RoPE scaling) is an error naming it, never ignored. The reader streams: it preallocates the
 stacked [L, ...] arrays of `rrt.model.param_shapes(cfg)` and fills them one tensor at a time, so peak memory is about
 one copy of the model. Tensors are read zero-copy from a memory map at the offsets in the safetensors header
 (`safe_open` first validates the file); this also reads bfloat16, which safetensors' numpy backend cannot.
@@ -25,7 +27,16 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 # model_type -> the one architecture we read, and the prefix of its decoder's tensor names.
-FAMILIES = {"llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
+FAMILIES = {
+    "llama": "LlamaForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+}
+# RoPE types (config.json's rope_type) -> ModelConfig.rope_scaling.
+ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
 # Non-parameter buffers some checkpoints carry: rotary caches and NeoX's causal-mask constants.
 IGNORED = re.compile(r".*(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias)$")
 # transformers' ACT2FN names -> ours ("gelu" is the exact erf form; the others are the tanh approximation).
@@ -64,17 +75,49 @@ class _Fields(dict):
         raise ValueError(f"{self.where}: required field {key!r} is missing (a {self.get('model_type')!r} config)")
 
 
-def _rope(hf: dict, default_pct: float) -> tuple[float, float]:
-    """(theta, rotary fraction) from transformers 5's `rope_parameters` or the older top-level keys."""
-    rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _rope(hf: dict, default_pct: float) -> dict:
+    """The RoPE fields of ModelConfig, read as transformers 5 does (`PreTrainedConfig.convert_rope_params_to_dict`
+    and `standardize_rope_params`): a legacy `rope_scaling` dict, when present, replaces `rope_parameters` whole
+    (some converted Llama 3 checkpoints hold both: a default `rope_parameters` and the real `llama3` scaling); a
+    `rope_theta` it lacks comes from the top level, else 10000; llama3's `original_max_position_embeddings` comes
+    from the top level if there, else from the dict, else `max_position_embeddings`."""
+    rp = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     if "full_attention" in rp:  # per-layer-type nesting; these families have one type
-        rp = rp["full_attention"]
+        rp = dict(rp["full_attention"])
     kind = rp.get("rope_type", rp.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"config.json: rope type {kind!r} is not supported (only the default RoPE)")
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"config.json: rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
     theta = rp.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
     pct = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", default_pct)))
-    return float(theta), float(pct)
+    out = dict(rope_theta=float(theta), rotary_pct=float(pct), rope_scaling=ROPE_TYPES[kind])
+
+    def need(key):
+        if rp.get(key) is None:
+            raise ValueError(f"config.json: rope type {kind!r} needs the field {key!r} (rope_parameters/rope_scaling)")
+        return rp[key]
+
+    if kind in ("linear", "llama3"):
+        out["rope_factor"] = float(need("factor"))
+    if kind == "llama3":
+        out["rope_low_freq_factor"] = float(need("low_freq_factor"))
+        out["rope_high_freq_factor"] = float(need("high_freq_factor"))
+        original = hf.get("original_max_position_embeddings") or rp.get("original_max_position_embeddings")
+        original = original or hf.get("max_position_embeddings")
+        if original is None:
+            raise ValueError("config.json: rope type 'llama3' needs original_max_position_embeddings")
+        out["rope_original_positions"] = int(original)
+    return out
+
+
+def _refuse_unimplemented(hf: dict, family: str) -> None:
+    """Fields that would change the function and that rrt does not implement: errors naming them."""
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("config.json: use_bidirectional_attention is not supported (causal decoders only)")
+    if hf.get("use_sliding_window"):
+        raise ValueError(f"config.json: use_sliding_window=true is not supported (a {family} with sliding windows)")
+    other = sorted({t for t in hf.get("layer_types") or () if t != "full_attention"})
+    if other:
+        raise ValueError(f"config.json: layer_types {other} are not supported (only full_attention)")
 
 
 def _act(hf: dict, family: str) -> str:
@@ -108,8 +151,8 @@ def config_from_hf(hf: dict, where: str = CONFIG) -> model.ModelConfig:
         d_ff=hf["intermediate_size"],
         act=_act(hf, family),
     )
+    _refuse_unimplemented(hf, family)
     if family == "gpt_neox":
-        theta, pct = _rope(hf, 0.25)
         bias = hf.get("attention_bias", True)
         return model.ModelConfig(
             **common,
@@ -123,30 +166,48 @@ def config_from_hf(hf: dict, where: str = CONFIG) -> model.ModelConfig:
             attn_bias=bias,
             o_bias=bias,
             mlp_bias=True,
-            rope_theta=theta,
-            rotary_pct=pct,
+            **_rope(hf, 0.25),
             tie_embeddings=hf.get("tie_word_embeddings", False),
         )
-    if hf.get("use_bidirectional_attention"):
-        raise ValueError("config.json: use_bidirectional_attention is not supported (causal decoders only)")
-    theta, pct = _rope(hf, 1.0)
     gemma = family == "gemma"
     bias = hf.get("attention_bias", False)
+    # mlp_bias is a LlamaConfig field only; the other families' MLPs have no biases.
+    switches = dict(attn_bias=bias, o_bias=bias, mlp_bias=hf.get("mlp_bias", False) if family == "llama" else False)
+    if family == "qwen2":  # biases on q, k, v only, always (Qwen2Attention)
+        switches.update(attn_bias=True, o_bias=False)
+    if family == "qwen3":
+        switches["qk_norm"] = "head"
+    if family == "olmo2":
+        switches.update(qk_norm="proj", norm_position="post")
+    head_dim = hf.get("head_dim") or {"gemma": 256, "qwen3": 128}.get(family, d // n)  # the config classes' defaults
     return model.ModelConfig(
         **common,
+        **switches,
+        **_rope(hf, 1.0),
         n_kv_heads=hf.get("num_key_value_heads") or n,
-        head_dim=hf.get("head_dim") or (256 if gemma else d // n),  # GemmaConfig's default head_dim is 256
-        family="gemma" if gemma else "llama",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        head_dim=head_dim,
+        family=family,
+        norm_eps=hf.get("rms_norm_eps", 1e-5 if family == "olmo2" else 1e-6),
         norm_offset=1.0 if gemma else 0.0,
-        attn_bias=bias,
-        o_bias=bias,
-        mlp_bias=hf.get("mlp_bias", False),
-        rope_theta=theta,
-        rotary_pct=pct,
         tie_embeddings=hf.get("tie_word_embeddings", gemma),
         embed_scale=gemma,
     )
+
+
+def layer_names(cfg: model.ModelConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """({our projection: its HF module}, {our norm weight: its HF module}) inside `<root>layers.<i>.`; NeoX's fused
+    query_key_value is not among them (the loader and the exporter split and fuse it)."""
+    if cfg.family == "neox":
+        projs = {"o": "attention.dense", "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}
+    else:
+        projs = {p: f"self_attn.{p}_proj" for p in "qkvo"} | {p: f"mlp.{p}_proj" for p in ("gate", "up", "down")}
+    if cfg.norm_position == "post":  # OLMo 2: the norms sit on the sub-blocks' outputs
+        norms = {"attn_norm": "post_attention_layernorm", "mlp_norm": "post_feedforward_layernorm"}
+    else:
+        norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    if cfg.qk_norm != "none":
+        norms |= {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+    return projs, norms
 
 
 # A plan entry: (rrt name, layer index or None, transform of the torch tensor into that slot).
@@ -170,11 +231,7 @@ def _plan(cfg: model.ModelConfig) -> dict[str, tuple[tuple[int, ...], list[Targe
         add(root + "final_layer_norm.bias", "final_norm_bias")
     if not cfg.tie_embeddings:
         add("embed_out.weight" if neox else "lm_head.weight", "head", transpose=True)
-    if neox:
-        names = {"o": "attention.dense", "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}
-    else:
-        names = {p: f"self_attn.{p}_proj" for p in "qkvo"} | {p: f"mlp.{p}_proj" for p in ("gate", "up", "down")}
-    norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    names, norms = layer_names(cfg)
     n, h, d = cfg.n_heads, cfg.head_dim, cfg.d_model
     for i in range(cfg.n_layers):
         pre = f"{root}layers.{i}."
@@ -184,7 +241,7 @@ def _plan(cfg: model.ModelConfig) -> dict[str, tuple[tuple[int, ...], list[Targe
                 add(pre + theirs + ".bias", f"layers/{ours}_bias", i)
         for ours, theirs in norms.items():
             add(pre + theirs + ".weight", f"layers/{ours}", i)
-            if cfg.norm == "layer":
+            if f"layers/{ours}_bias" in shapes:
                 add(pre + theirs + ".bias", f"layers/{ours}_bias", i)
         if neox:  # fused rows [N, 3, H] -> q, k, v
             qkv = pre + "attention.query_key_value."

@@ -33,12 +33,27 @@ from rrt import model
 from rrt.formats import hf
 
 # ModelConfig.family -> HF model_type.
-MODEL_TYPES = {"llama": "llama", "gemma": "gemma", "neox": "gpt_neox"}
+MODEL_TYPES = {
+    "llama": "llama",
+    "gemma": "gemma",
+    "neox": "gpt_neox",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "olmo2": "olmo2",
+}
 # Our activation -> the transformers ACT2FN name the loader maps back to it.
 HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 DTYPES = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16"), "float16": (np.float16, "F16")}
 # Fields of an original config.json that no longer describe the exported weights.
-DROPPED = ("quantization_config", "auto_map", "_name_or_path", "transformers_version", "rope_scaling")
+# (`rope_scaling` and a top-level `original_max_position_embeddings` would override the `rope_parameters` written.)
+DROPPED = (
+    "quantization_config",
+    "auto_map",
+    "_name_or_path",
+    "transformers_version",
+    "rope_scaling",
+    "original_max_position_embeddings",
+)
 DEFAULT_POSITIONS = 2048  # when nothing in the lineage declares a context length (LlamaConfig's default)
 
 
@@ -64,6 +79,14 @@ def hf_config(
     if out.get("model_type", kind) != kind:
         out = {}  # the lineage changed family (cannot happen via rrt.convert); build from scratch
     rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+    if cfg.rope_scaling != "none":
+        rope.update(rope_type=cfg.rope_scaling, factor=float(cfg.rope_factor))
+    if cfg.rope_scaling == "llama3":
+        rope.update(
+            low_freq_factor=float(cfg.rope_low_freq_factor),
+            high_freq_factor=float(cfg.rope_high_freq_factor),
+            original_max_position_embeddings=int(cfg.rope_original_positions),
+        )
     out.update(
         architectures=[hf.FAMILIES[kind]],
         model_type=kind,
@@ -99,8 +122,12 @@ def hf_config(
         )
         if kind == "gemma":
             out["hidden_activation"] = HF_ACTIVATIONS[cfg.act]
-        else:
+        elif kind == "llama":
             out["mlp_bias"] = cfg.mlp_bias
+        elif kind == "qwen2":  # q, k, v biases are built in
+            del out["attention_bias"]
+        if kind in ("qwen2", "qwen3"):
+            out["use_sliding_window"] = False
     out["rope_parameters"] = rope
     for kind_, i in (("bos", bos_id), ("eos", eos_id)):
         if i is not None:
@@ -128,11 +155,7 @@ def tensors(cfg: model.ModelConfig, params: dict[str, np.ndarray]) -> Iterator[t
     neox = cfg.family == "neox"
     root = "gpt_neox." if neox else "model."
     yield root + ("embed_in" if neox else "embed_tokens") + ".weight", params["embed"]
-    if neox:
-        names = {"o": "attention.dense", "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}
-    else:
-        names = {p: f"self_attn.{p}_proj" for p in "qkvo"} | {p: f"mlp.{p}_proj" for p in ("gate", "up", "down")}
-    norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    names, norms = hf.layer_names(cfg)
     n, h, d = cfg.n_heads, cfg.head_dim, cfg.d_model
     for i in range(cfg.n_layers):
         pre = f"{root}layers.{i}."
@@ -148,7 +171,7 @@ def tensors(cfg: model.ModelConfig, params: dict[str, np.ndarray]) -> Iterator[t
                 yield pre + theirs + ".bias", params[f"layers/{ours}_bias"][i]
         for ours, theirs in norms.items():
             yield pre + theirs + ".weight", params[f"layers/{ours}"][i]
-            if cfg.norm == "layer":
+            if f"layers/{ours}_bias" in params:
                 yield pre + theirs + ".bias", params[f"layers/{ours}_bias"][i]
     yield root + ("final_layer_norm" if neox else "norm") + ".weight", params["final_norm"]
     if cfg.norm == "layer":
