@@ -136,6 +136,77 @@ def collectives(hlo: str) -> dict[str, dict[str, float]]:
     return {k: dict(out[k]) for k in COLLECTIVES if k in out}
 
 
+_COMP_HEAD = re.compile(r"^(?:ENTRY )?%([^\s(]+) \(.*\{\s*$")
+_CALLEE = re.compile(r"\b(body|condition|to_apply|calls|true_computation|false_computation)=%([^\s,)}]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_WHILE = re.compile(r"condition=%([^\s,)}]+), body=%([^\s,)}]+)")
+
+
+def _computations(hlo: str) -> tuple[dict[str, str], str | None]:
+    """({computation name: its text}, the ENTRY computation's name) of HLO module text."""
+    comps, entry, name, lines = {}, None, None, []
+    for line in hlo.splitlines():
+        m = _COMP_HEAD.match(line)
+        if m:
+            name, lines = m.group(1), []
+            entry = name if line.startswith("ENTRY") else entry
+        elif name is not None and line.startswith("}"):
+            comps[name], name = "\n".join(lines), None
+        elif name is not None:
+            lines.append(line)
+    return comps, entry
+
+
+def _trip_count(cond: str) -> int | None:
+    """A while loop's trip count from its condition: `ROOT compare(counter, constant(N)), direction=LT` (the form
+    lax.scan and fori_loop lower to, counting from 0); None when the condition has another form."""
+    root = next((ln for ln in cond.splitlines() if "ROOT" in ln and "direction=LT" in ln), None)
+    if root is None:
+        return None
+    consts = dict(re.findall(r"%(\S+) = s32\[\]\S* constant\((\d+)\)", cond))
+    args = re.findall(r"compare\(%(\S+), %(\S+)\)", root)
+    return int(consts[args[0][1]]) if args and args[0][1] in consts else None
+
+
+def collectives_per_step(hlo: str) -> dict:
+    """Collectives weighted by how often they run in one step: {kind: {count, bytes}} where an op inside a while
+    body counts its loop's trip count times (nested loops multiply; trip counts read from the loop conditions, see
+    `_trip_count`), and "unknown_trip_counts": the loops whose count could not be read (weighted 1)."""
+    comps, entry = _computations(hlo)
+    if entry is None:
+        return {"unknown_trip_counts": 0}
+    weight: dict[str, float] = collections.defaultdict(float)
+    weight[entry] = 1.0
+    unknown = 0
+    order, seen = [entry], {entry}
+    while order:  # computations form a DAG from ENTRY; propagate weights breadth first over the call edges
+        name = order.pop(0)
+        text = comps.get(name, "")
+        edges = []
+        for cond, body in _WHILE.findall(text):
+            n = _trip_count(comps.get(cond, ""))
+            unknown += n is None
+            edges.append((body, n if n is not None else 1))
+        whiles = {b for _, b in _WHILE.findall(text)}
+        for kind, callee in _CALLEE.findall(text):
+            if kind != "body" and callee not in whiles:
+                edges.append((callee, 1))
+        for group in _BRANCHES.findall(text):
+            edges += [(c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip()]
+        for callee, n in edges:
+            weight[callee] += weight[name] * n
+            if callee not in seen:
+                seen.add(callee)
+                order.append(callee)
+    out = collections.defaultdict(lambda: {"count": 0.0, "bytes": 0.0})
+    for name, text in comps.items():
+        if weight.get(name):
+            for kind, v in collectives(text).items():
+                out[kind]["count"] += v["count"] * weight[name]
+                out[kind]["bytes"] += v["bytes"] * weight[name]
+    return {**{k: dict(out[k]) for k in COLLECTIVES if k in out}, "unknown_trip_counts": unknown}
+
+
 def _largest_buffers(hlo: str, n: int = 8) -> list[str]:
     """The largest values in the compiled HLO (instruction, shape, bytes): where the memory goes."""
     seen = []
@@ -247,6 +318,7 @@ def analyze(c, topology: str) -> dict:
         "peak_flops_per_chip": peak,
         "mfu_at_step_time": (rrt_step / (step_s * n * peak)) if step_s else None,
         "collectives": collectives(hlo),
+        "collectives_per_step": collectives_per_step(hlo),
         "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),  # Pallas calls: splash attention
         "compile_s": {"lower": t1 - t0, "compile": t2 - t1},
         "xla_optimal_seconds": float(cost.get("optimal_seconds", -1.0)),
@@ -293,8 +365,15 @@ def table(r: dict) -> str:
         f"{r['hours_for_steps_at_40pct_mfu']:.1f} h for config.steps"
     )
     lines.append("collectives (per chip, ops in the compiled HLO, loop bodies counted once):")
+    per_step = r["collectives_per_step"]
     for k, v in r["collectives"].items():
-        lines.append(f"  {k:<20}{v['count']:5d} ops {v['bytes'] / 2**20:12.1f} MiB")
+        w = per_step.get(k, {"count": 0, "bytes": 0})
+        lines.append(
+            f"  {k:<20}{v['count']:5d} ops {v['bytes'] / 2**20:12.1f} MiB   per step (loops x trip count): "
+            f"{w['count']:7.0f} ops {w['bytes'] / 2**20:12.1f} MiB"
+        )
+    if per_step["unknown_trip_counts"]:
+        lines.append(f"  ({per_step['unknown_trip_counts']} loops of unknown trip count weighted 1)")
     if r["mosaic_kernels"]:
         lines.append(f"Pallas (Mosaic) kernel calls in the HLO: {r['mosaic_kernels']}")
     lines.append(f"compile: lower {r['compile_s']['lower']:.1f} s, compile {r['compile_s']['compile']:.1f} s")

@@ -47,6 +47,48 @@ def test_collectives_parse():
     assert c["all-reduce"] == {"count": 1, "bytes": 64.0}
 
 
+NESTED_LOOPS_HLO = """
+%inner_cond (p: (s32[], f32[8])) -> pred[] {
+  %c3 = s32[]{:T(128)} constant(3)
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %c3), direction=LT
+}
+
+%inner_body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = f32[8]{0} all-gather(f32[2]{0} %x), dimensions={0}
+  ROOT %t = (s32[], f32[8]) tuple(%i, %ag)
+}
+
+%outer_cond (p: (s32[], f32[8])) -> pred[] {
+  %c5 = s32[]{:T(128)} constant(5)
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %c5), direction=LT
+}
+
+%outer_body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %w = (s32[], f32[8]) while(%p), condition=%inner_cond, body=%inner_body
+  %ar = f32[8]{0} all-reduce(f32[8]{0} %y), to_apply=%add
+  ROOT %t = (s32[], f32[8]) tuple(%i, %ar)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%t0), condition=%outer_cond, body=%outer_body
+  %ag2 = f32[8]{0} all-gather(f32[2]{0} %z), dimensions={0}
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collectives_per_step_multiply_nested_trip_counts():
+    static = aot.collectives(NESTED_LOOPS_HLO)
+    assert static["all-gather"]["count"] == 2 and static["all-reduce"]["count"] == 1
+    per_step = aot.collectives_per_step(NESTED_LOOPS_HLO)
+    assert per_step["all-gather"] == {"count": 1 + 5 * 3, "bytes": 32.0 * (1 + 15)}  # the entry's + 5 x 3 inner
+    assert per_step["all-reduce"]["count"] == 5 and per_step["unknown_trip_counts"] == 0
+
+
 def test_tiny_compiles_for_v5e_2x2():
     c = _preset("tiny")
     r = aot.analyze(c, "v5e:2x2")
@@ -55,6 +97,9 @@ def test_tiny_compiles_for_v5e_2x2():
     assert 0 < m["params"] <= m["arguments"] and m["total"] < m["hbm"]
     assert r["flops"]["xla_per_chip"] > 0 and r["flops"]["rrt_per_step"] > 0
     assert "all-gather" in r["collectives"]  # fsdp over 4 chips gathers the parameters
+    per_step = r["collectives_per_step"]
+    assert per_step["unknown_trip_counts"] == 0  # every scan's trip count is read from its condition
+    assert per_step["all-gather"]["bytes"] >= r["collectives"]["all-gather"]["bytes"]
     assert r["mosaic_kernels"] == 0  # rows of 64 tokens: attention="auto" takes xla (splash needs 128)
 
 
