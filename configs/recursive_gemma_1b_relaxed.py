@@ -5,7 +5,11 @@
 
 Does NOT fit on a v5e-256 as set (measured with `python -m rrt.aot --config recursive_gemma_1b_relaxed --topology
 v5e-256`): 21.72 GiB of temporaries per chip against 15.75 GiB usable (parameters 1.86 GiB, optimizer state 3.72 GiB
-per chip). Not yet tried: grad_accum 8 or remat "full". Check with rrt.aot before launching.
+per chip). With `--config.remat=full --config.loss.chunk_tokens=1024` (and splash attention, auto on TPU) it still
+does not: 18.84 GiB per chip in total (compile 903 s on 2 CPU cores), the largest buffers being two unsharded float32
+[256000, 2048] embedding-gradient buffers (1.95 GiB each) and the chunked loss's f32 [1, 1024, 256000] softmax
+terms (0.98 GiB each); rrt.aot's FLOP count is 1.96e10 per token (4.0 h at 40% MFU if it fit). Not yet tried:
+grad_accum 8, a smaller chunk_tokens, or a larger slice. Check with rrt.aot before launching.
 """
 
 from rrt import config
