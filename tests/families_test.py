@@ -140,7 +140,11 @@ def test_export_of_a_relaxed_recursive_model(make, tmp_path):
 SWITCHES = {"qwen3": dict(qk_norm="head"), "olmo2": dict(qk_norm="proj", norm_position="post")}
 
 
-@pytest.mark.parametrize("switches", SWITCHES.values(), ids=SWITCHES)
+@pytest.mark.parametrize(
+    "switches",
+    [SWITCHES["qwen3"], pytest.param(SWITCHES["olmo2"], marks=pytest.mark.slow)],  # default run under 20 min
+    ids=list(SWITCHES),
+)
 def test_decoding_with_the_new_switches(switches):
     import jax
     import jax.numpy as jnp
