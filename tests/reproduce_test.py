@@ -253,7 +253,7 @@ def test_report_renders_a_skeleton_and_full_results(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_reproduction_end_to_end_and_resume(tmp_path):
-    """A 4-layer source, 4 variants + the SEQUENCE selection, 2 steps each: trains, evaluates, reports; a rerun
+    """A 4-layer source, 5 variants (one with asvd) + the SEQUENCE selection, 2 steps each: trains, evaluates, reports; a rerun
     trains and computes nothing."""
     from flax import nnx
 
@@ -269,18 +269,20 @@ def test_tiny_reproduction_end_to_end_and_resume(tmp_path):
     rrt_dir.save(str(src), cfg, params, tokenizer=tokenizer_lib.load_tokenizer(gguf.smollm2_gguf_path()))
     out, docs = tmp_path / "out", tmp_path / "docs"
     argv = ["--out", str(out), "--docs_dir", str(docs), "--config", "configs/tiny.py", "--tasks", "piqa,lambada",
-            "--only", "original,strict_stepwise,relaxed_avg_r16_svd,strict_stepwise_kd,sequence",
+            "--only", "original,strict_stepwise,relaxed_avg_r16_svd,relaxed_avg_r16_asvd,strict_stepwise_kd,sequence",
             f"--config.source={src}", "--config.steps=2", "--config.optim.warmup_steps=0",
             "--config.checkpoint_every=2", "--config.eval.limit=3", "--config.eval.max_windows=2",
             "--config.data.global_batch_size=2"]  # fmt: skip
     assert reproduce.main(argv) == 0
     done = {p.name for p in out.glob("*.after.json")}
-    assert len(done) == 5 and any(n.startswith("sequence_") for n in done)
+    assert len(done) == 6 and any(n.startswith("sequence_") for n in done)
+    asvd = json.loads((out / "relaxed_avg_r16_asvd.before.json").read_text())  # converted with calibration
+    assert asvd["perplexity"]["tinystories_val"]["window_nll"]
     after = json.loads((out / "strict_stepwise.after.json").read_text())
     assert set(after["tasks"]) == {"piqa", "lambada"} and after["tasks"]["piqa"]["n"] == 3
     assert len(after["perplexity"]["tinystories_val"]["per_loop"]) == 2
     text = (docs / "RESULTS.md").read_text()
-    assert "5 of 18 variants" in text and (docs / "reproduce_loss.png").exists()
+    assert "6 of 18 variants" in text and (docs / "reproduce_loss.png").exists()
     stamps = {p: p.stat().st_mtime for p in out.glob("*.json")}
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
