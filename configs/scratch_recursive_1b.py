@@ -6,8 +6,9 @@
 
 Check it fits first: python -m rrt.aot --config configs/scratch_recursive_1b.py --topology v5e-256
 
-Measured with rrt.aot on v5e-256 (v5e:16x16, mesh data 1 x fsdp 256 x tensor 1, as recursive_gemma_1b): fits with
-5.76 GiB of 16 GiB per chip. Cost: rrt/flops.py gives 8.09e9 training FLOPs per token; 20B tokens are 1.6e20 FLOPs,
+Measured with rrt.aot on v5e-256 (v5e:16x16, mesh data 1 x fsdp 256 x tensor 1): fits with 5.76 GiB of 16 GiB per
+chip, measured with gather_shared on (the preset now inherits recursive_gemma_1b's gather_shared=False; not
+re-measured). Cost: rrt/flops.py gives 8.09e9 training FLOPs per token; 20B tokens are 1.6e20 FLOPs,
 about 2.2 hours at 40% MFU (197 TFLOP/s bf16 per chip). (The earlier "1.1e10 FLOP/token, 16 hours" was not measured.)
 """
 
