@@ -10,12 +10,12 @@ Check it fits first (compiles the real step for the slice on any CPU with libtpu
 Measured with rrt.aot on v5e-256 (v5e:16x16, mesh data 1 x fsdp 256 x tensor 1, remat dots): grad_accum 4 (one
 sequence per chip per micro-batch) fits with 11.82 GiB of 16 GiB per chip as set (gather_shared off; 14.79 GiB with
 it on, mostly the 256k-vocabulary logits in XLA's temporaries); without grad_accum (4 sequences per chip) XLA
-refuses the program (28.45 GiB of temporaries). All-gather per chip per step (rrt.aot's loop-weighted count):
-35,659 MiB with gather_shared off, 229,902 MiB with it on, hence off. Cost: the paper's 15B tokens are ~7,150 steps of 1024 x 2048; rrt/flops.py gives
-1.59e10 training FLOPs per token, 3.34e16 per step: 1.66 s per step and 3.3 hours at 40% MFU (197 TFLOP/s bf16 per
-chip). XLA's own cost analysis counts each loop body once (grad_accum and layer scans), so its 1.23e9 FLOP/token is a
-floor, not a total, and its cost model gives no step time for this program. Strict recursion (rank 0); see
-recursive_gemma_1b_relaxed.py for rank 512.
+refuses the program (28.45 GiB of temporaries). All-gather per chip per step (rrt.aot's loop-weighted count): 35,659
+MiB with gather_shared off, 229,902 MiB with it on, hence off. Cost: the paper's 15B tokens are ~7,150 steps of 1024
+x 2048; rrt/flops.py gives 1.59e10 training FLOPs per token, 3.34e16 per step: 1.66 s per step and 3.3 hours at 40%
+MFU (197 TFLOP/s bf16 per chip). XLA's own cost analysis counts each loop body once (grad_accum and layer scans), so
+its 1.23e9 FLOP/token is a floor, not a total, and its cost model gives no step time for this program. Strict
+recursion (rank 0); see recursive_gemma_1b_relaxed.py for rank 512.
 """
 
 from ml_collections import config_dict

@@ -253,8 +253,8 @@ def test_report_renders_a_skeleton_and_full_results(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_reproduction_end_to_end_and_resume(tmp_path):
-    """A 4-layer source, 5 variants (one with asvd) + the SEQUENCE selection, 2 steps each: trains, evaluates, reports; a rerun
-    trains and computes nothing."""
+    """A 4-layer source, 5 variants (one with asvd) + the SEQUENCE selection, 2 steps each: trains, evaluates,
+    reports; a rerun trains and computes nothing."""
     from flax import nnx
 
     from rrt import model as model_lib
