@@ -234,17 +234,13 @@ def convert(
                     a[l], b[l], sv2 = truncated_svd(resid, r)
                 else:
                     tap = model_lib.tap_of(proj)
-                    key = (tap, l)
-                    if key not in whiten:
-                        whiten = {k: v for k, v in whiten.items() if k[0] == tap}  # one tap's live at a time
+                    w = whiten.get((tap, l))
+                    if w is None:
                         w = whitening(moments[tap][l], rec.damping)
-                        if sum(model_lib.tap_of(p) == tap for p in jobs) == 1:
-                            a[l], b[l], sv2 = weighted_svd(resid, *w, r)  # nobody else needs it: not kept
-                            w = None
-                        else:
-                            whiten[key] = w
-                    if key in whiten:
-                        a[l], b[l], sv2 = weighted_svd(resid, *whiten[key], r)
+                        if sum(model_lib.tap_of(p) == tap for p in jobs) > 1:  # q, k, v (gate, up) share it
+                            whiten = {k: v for k, v in whiten.items() if k[0] == tap}  # one tap's live at a time
+                            whiten[(tap, l)] = w
+                    a[l], b[l], sv2 = weighted_svd(resid, *w, r)
                 b[l] /= s
                 kept += float(np.sum(sv2[:r]))
                 total += float(np.sum(sv2))
