@@ -23,6 +23,7 @@ import sys
 from etils.epath import backend, gpath
 
 ENV = "RRT_FAKE_GCS"
+UPLOAD_PREFIX = ".upload-"
 
 
 class Backend(backend._OsPathBackend):  # noqa: SLF001 -- epath's local backend, under gs:// names
@@ -43,9 +44,12 @@ class Backend(backend._OsPathBackend):  # noqa: SLF001 -- epath's local backend,
         if "a" in mode or "+" in mode:
             raise NotImplementedError(f"fake gcs: objects cannot be appended to or updated in place ({path}, {mode})")
         local = self.local(path)
-        if "w" in mode:
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-        return super().open(local, mode)
+        if "w" not in mode:
+            return super().open(local, mode)
+        # A GCS upload is atomic: a reader sees the old object or the new one, never a truncated one. So a write goes
+        # to a hidden temporary file that replaces the object when it is closed (and is dropped if the write fails).
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        return _Upload(local, mode)
 
     def exists(self, path):
         return super().exists(self.local(path))
@@ -53,15 +57,15 @@ class Backend(backend._OsPathBackend):  # noqa: SLF001 -- epath's local backend,
     def isdir(self, path):
         return super().isdir(self.local(path))
 
-    def listdir(self, path):
-        return super().listdir(self.local(path))
+    def listdir(self, path):  # an upload in flight is not an object yet
+        return [n for n in super().listdir(self.local(path)) if not n.startswith(UPLOAD_PREFIX)]
 
     def glob(self, path):
-        return [self.url(p) for p in super().glob(self.local(path))]
+        return [self.url(p) for p in super().glob(self.local(path)) if not os.path.basename(p).startswith(UPLOAD_PREFIX)]
 
     def walk(self, top, *, top_down=True, on_error=None):
         for d, dirs, files in super().walk(self.local(top), top_down=top_down, on_error=on_error):
-            yield self.url(d), dirs, files
+            yield self.url(d), dirs, [f for f in files if not f.startswith(UPLOAD_PREFIX)]
 
     def makedirs(self, path, *, exist_ok=False, mode=None):
         return super().makedirs(self.local(path), exist_ok=exist_ok)
@@ -86,6 +90,33 @@ class Backend(backend._OsPathBackend):  # noqa: SLF001 -- epath's local backend,
 
     def stat(self, path):
         return super().stat(self.local(path))
+
+
+class _Upload:
+    """A file open for writing that becomes the object `local` only on a clean close."""
+
+    def __init__(self, local: str, mode: str):
+        self.local = local
+        self.tmp = os.path.join(os.path.dirname(local), f"{UPLOAD_PREFIX}{os.getpid()}-{id(self)}-{os.path.basename(local)}")
+        self.file = open(self.tmp, mode)  # noqa: SIM115 -- closed by close() / __exit__
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is None:
+            self.close()
+        else:
+            self.file.close()
+            os.remove(self.tmp)
+
+    def close(self):
+        if not self.file.closed:
+            self.file.close()
+            os.replace(self.tmp, self.local)
 
 
 def install(root: str) -> Backend:
