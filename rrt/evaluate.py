@@ -34,7 +34,11 @@ def _at_least(low: int):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rrt.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--source", required=True, help="HF dir, .gguf file, rrt model dir or training workdir")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="HF dir, .gguf file, rrt model dir or training workdir (local or gs://bucket/run)",
+    )
     p.add_argument("--task", default=None, help="a single task (same as --tasks)")
     p.add_argument(
         "--tasks", default=None, help="comma-separated: perplexity, the seven paper tasks, mc:<jsonl>, partial:<jsonl>"

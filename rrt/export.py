@@ -20,7 +20,11 @@ GIB = 1 << 30
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rrt.export", description=__doc__.splitlines()[0])
-    p.add_argument("--source", required=True, help="rrt model dir or training workdir (also: HF dir, .gguf, smollm2)")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="rrt model dir or training workdir, local or gs://bucket/run (also: HF dir, .gguf, smollm2)",
+    )
     p.add_argument("--out", required=True, help="the Hugging Face directory to write (must be new or empty)")
     p.add_argument("--dtype", choices=tuple(hf_export.DTYPES), default="float32", help="dtype of the weights")
     p.add_argument("--max_shard_gb", type=float, default=5.0, help="split safetensors files above this size (GiB)")
@@ -41,13 +45,13 @@ def lineage_hf_config(source: str, _depth: int = 0) -> dict | None:
     `expanded_from` of an rrt dir or workdir, followed), or None (a GGUF, a scratch model, a moved source)."""
     from rrt.formats import hf, rrt_dir
 
-    if _depth > 8 or not source or not os.path.isdir(source):
+    if _depth > 8 or not source:
         return None
-    if rrt_dir.is_rrt_dir(source):
+    if rrt_dir.is_rrt_dir(source):  # a local directory or a gs:// URL
         meta = rrt_dir.read_meta(source)
         parent = (meta.get("conversion") or {}).get("source") or meta.get("expanded_from")
         return lineage_hf_config(parent, _depth + 1) if parent else None
-    if os.path.isfile(os.path.join(source, hf.CONFIG)):
+    if os.path.isdir(source) and os.path.isfile(os.path.join(source, hf.CONFIG)):
         return hf.read_config(source)
     return None
 

@@ -24,7 +24,11 @@ from rrt.decode import depthwise, early_exit
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rrt.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--source", required=True, help="HF dir, .gguf file, rrt model dir or training workdir")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="HF dir, .gguf file, rrt model dir or training workdir (local or gs://bucket/run)",
+    )
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

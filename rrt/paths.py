@@ -67,3 +67,27 @@ def local_copy_dir(url) -> str:
     parsed = urllib.parse.urlparse(os.fspath(url))
     root = os.environ.get("RRT_LOCAL_CACHE") or os.path.join(tempfile.gettempdir(), "rrt_remote_cache")
     return os.path.join(root, parsed.scheme, parsed.netloc, parsed.path.strip("/"))
+
+
+def download_dir(url) -> str:
+    """A local copy of the remote directory `url` (every file below it, fetched again each call so that a copy never
+    goes stale), at `local_copy_dir(url)`. For what needs a local directory: a tokenizer's files."""
+    src = epath.Path(url)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{url}: no such directory")
+    dst = local_copy_dir(url)
+    for d, _, files in src.walk():
+        rel = os.path.relpath(os.fspath(d), os.fspath(src))
+        os.makedirs(os.path.join(dst, rel), exist_ok=True)
+        for name in files:
+            write_local = os.path.join(dst, rel, name)
+            tmp = f"{write_local}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write((epath.Path(d) / name).read_bytes())
+            os.replace(tmp, write_local)
+    return dst
+
+
+def orbax_path(path) -> str:
+    """What Orbax is given: a URL as it is, a local path made absolute."""
+    return os.fspath(path) if is_url(path) else os.path.abspath(os.fspath(path))

@@ -61,7 +61,9 @@ class Backend(backend._OsPathBackend):  # noqa: SLF001 -- epath's local backend,
         return [n for n in super().listdir(self.local(path)) if not n.startswith(UPLOAD_PREFIX)]
 
     def glob(self, path):
-        return [self.url(p) for p in super().glob(self.local(path)) if not os.path.basename(p).startswith(UPLOAD_PREFIX)]
+        return [
+            self.url(p) for p in super().glob(self.local(path)) if not os.path.basename(p).startswith(UPLOAD_PREFIX)
+        ]
 
     def walk(self, top, *, top_down=True, on_error=None):
         for d, dirs, files in super().walk(self.local(top), top_down=top_down, on_error=on_error):
@@ -97,7 +99,9 @@ class _Upload:
 
     def __init__(self, local: str, mode: str):
         self.local = local
-        self.tmp = os.path.join(os.path.dirname(local), f"{UPLOAD_PREFIX}{os.getpid()}-{id(self)}-{os.path.basename(local)}")
+        self.tmp = os.path.join(
+            os.path.dirname(local), f"{UPLOAD_PREFIX}{os.getpid()}-{id(self)}-{os.path.basename(local)}"
+        )
         self.file = open(self.tmp, mode)  # noqa: SIM115 -- closed by close() / __exit__
 
     def __getattr__(self, name):

@@ -170,6 +170,51 @@ def test_token_cache_on_gcs_is_uploaded_then_downloaded_not_rebuilt(gcs, tmp_pat
     np.testing.assert_array_equal(got.lengths(), [len(d) + 2 for d in docs])
 
 
+def test_evaluate_generate_and_export_read_an_rrt_dir_in_a_bucket_as_its_local_copy(gcs, tmp_path):
+    """rrt.evaluate, rrt.generate and rrt.export given `--source gs://...` (an rrt model dir uploaded to the bucket)
+    give what they give for the same directory on a local disk."""
+    import shutil
+
+    import export_test
+
+    from rrt import evaluate, export, formats, generate
+
+    local = export_test.relaxed_recursive(export_test.llama(), export_test.small_tokenizer(add_bos=True), tmp_path)
+    url = f"{BUCKET}/models/relaxed"
+    shutil.copytree(local, gcs.local(url))
+
+    cfg_l, params_l = formats.load(local)
+    cfg_g, params_g = formats.load(url)
+    assert cfg_g == cfg_l and params_g.keys() == params_l.keys()
+    assert all(np.array_equal(params_g[k], params_l[k]) for k in params_l)
+    assert formats.load_tokenizer(url).encode(export_test.TEXT) == formats.load_tokenizer(local).encode(
+        export_test.TEXT
+    )
+    assert formats.max_positions(url) == formats.max_positions(local)
+
+    text = tmp_path / "text.txt"
+    text.write_text((export_test.TEXT + "\n") * 20)
+    results = {}
+    for name, source in (("local", local), ("gcs", url)):
+        out = tmp_path / f"{name}.json"
+        args = ["--source", source, "--task", "perplexity", "--data", str(text), "--seq_len", "16", "--no_progress"]
+        assert evaluate.main([*args, "--output", str(out)]) == 0
+        results[name] = json.loads(out.read_text())["perplexity"]
+    assert results["gcs"]["ppl"] == results["local"]["ppl"] and results["gcs"]["tokens"] == results["local"]["tokens"]
+
+    outs = {}
+    for name, source in (("local", local), ("gcs", url)):
+        assert generate.main(["--source", source, "--prompt", "Once upon", "--max_new_tokens", "5"]) == 0
+        assert export.main(["--source", source, "--out", str(tmp_path / f"hf_{name}")]) == 0
+        outs[name] = sorted(os.listdir(tmp_path / f"hf_{name}"))
+    assert outs["gcs"] == outs["local"]
+    for f in outs["local"]:
+        assert (tmp_path / "hf_gcs" / f).read_bytes() == (tmp_path / "hf_local" / f).read_bytes(), f
+
+    with pytest.raises(ValueError, match="a URL source must be an rrt model directory"):
+        formats.load(f"{BUCKET}/not-a-model")
+
+
 @pytest.mark.slow
 def test_training_in_a_gcs_workdir_interrupted_and_rerun_equals_an_uninterrupted_local_run(gcs, tmp_path):
     steps = 8
@@ -219,6 +264,17 @@ def test_training_in_a_gcs_workdir_interrupted_and_rerun_equals_an_uninterrupted
     got = restore_every_step(wd, on_disk=local)
     want = restore_every_step(reference)
     assert_same_params(got[steps], want[steps], rtol=1e-6)
+
+    # What rrt.evaluate, rrt.generate and rrt.export read for `--source gs://...`: the newest step and the tokenizer.
+    from rrt import formats
+
+    (cfg_g, params_g), (cfg_l, params_l) = formats.load(wd), formats.load(str(reference))
+    assert cfg_g == cfg_l
+    for k in params_l:
+        np.testing.assert_allclose(params_g[k], params_l[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    assert formats.load_tokenizer(wd).encode("Once upon a time") == formats.load_tokenizer(str(reference)).encode(
+        "Once upon a time"
+    )
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-from rrt import model
+from rrt import model, paths
 from rrt.formats import gguf, hf
 
 
@@ -18,7 +18,14 @@ def load(source: str, dtype=None) -> tuple[model.ModelConfig, dict[str, np.ndarr
     """(config, params) from a `.gguf` file, an HF directory (config.json) or an rrt directory (rrt_model.json).
     `dtype` casts every parameter (None keeps the stored dtype; GGUF dequantizes to float32)."""
     source = resolve_source(source)
-    if os.path.isfile(source) and source.endswith(".gguf"):
+    if paths.is_url(source):  # a gs:// run directory: only rrt's own directories are read from a bucket
+        from rrt.formats import rrt_dir
+
+        if not rrt_dir.is_rrt_dir(source):
+            raise ValueError(f"{source}: a URL source must be an rrt model directory or training workdir (it holds no "
+                             f"{rrt_dir.META}); copy other checkpoints to a local disk first")  # fmt: skip
+        cfg, params = rrt_dir.load(source, dtype)
+    elif os.path.isfile(source) and source.endswith(".gguf"):
         cfg, params = gguf.load(source, dtype)
     elif os.path.isfile(os.path.join(source, "rrt_model.json")):
         from rrt.formats import rrt_dir
@@ -63,7 +70,10 @@ def load_model(source: str, dtype: str | None = None, compute_dtype: str | None 
 def load_tokenizer(source: str):
     from rrt.formats import tokenizer
 
-    return tokenizer.load_tokenizer(resolve_source(source))
+    source = resolve_source(source)
+    if paths.is_url(source):  # an rrt directory in a bucket: its tokenizer/ files, copied to a local directory
+        return tokenizer.load_tokenizer(paths.download_dir(source.rstrip("/") + "/tokenizer"))
+    return tokenizer.load_tokenizer(source)
 
 
 def check_vocab(tokenizer, cfg: model.ModelConfig, source: str = "") -> None:
@@ -89,9 +99,11 @@ def max_positions(source: str, _depth: int = 0) -> int | None:
     if os.path.isfile(source) and source.endswith(".gguf"):
         n = gguf.field(gguf.reader(source), "llama.context_length")
         return int(n) if n else None
-    if os.path.isfile(os.path.join(source, "rrt_model.json")):
+    if paths.is_url(source) or os.path.isfile(os.path.join(source, "rrt_model.json")):
         from rrt.formats import rrt_dir
 
+        if not rrt_dir.is_rrt_dir(source):
+            return None
         meta = rrt_dir.read_meta(source)
         parent = (meta.get("conversion") or {}).get("source") or meta.get("expanded_from")
         return max_positions(parent, _depth + 1) if parent else None

@@ -16,13 +16,14 @@ import numpy as np
 from etils import epath
 
 from rrt import model as model_lib
-from rrt import train_state
+from rrt import paths, train_state
 
 META = "rrt_model.json"
 
 
 def is_rrt_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, META))
+    """A model directory or training workdir (a local path or a gs:// URL) holding rrt_model.json."""
+    return (epath.Path(path) / META).is_file()
 
 
 def read_meta(path) -> dict[str, Any]:
@@ -67,8 +68,8 @@ def load(path: str, dtype=None) -> tuple[model_lib.ModelConfig, dict[str, np.nda
 
     meta = read_meta(path)
     cfg = model_lib.ModelConfig.from_dict(meta["model"])
-    params_dir = os.path.join(path, "params")
-    if not os.path.isdir(params_dir):
+    params_dir = epath.Path(path) / "params"
+    if not params_dir.is_dir():
         return cfg, train_state.load_params(path, cfg)  # a training workdir
     shapes = model_lib.param_shapes(cfg)
     import jax
@@ -76,9 +77,9 @@ def load(path: str, dtype=None) -> tuple[model_lib.ModelConfig, dict[str, np.nda
     target = model_lib.nest({k: jax.ShapeDtypeStruct(s, np.float32) for k, s in shapes.items()})
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            meta_tree = ckptr.metadata(os.path.abspath(params_dir)).item_metadata
+            meta_tree = ckptr.metadata(paths.orbax_path(params_dir)).item_metadata
             target = jax.tree.map(lambda t, m: jax.ShapeDtypeStruct(t.shape, m.dtype), target, dict(meta_tree))
-            tree = ckptr.restore(os.path.abspath(params_dir), target)
+            tree = ckptr.restore(paths.orbax_path(params_dir), target)
     except Exception as e:  # orbax raises many types; name the directory and the cause
         raise ValueError(f"cannot restore parameters from {params_dir}: {type(e).__name__}: {e}") from e
     params = {k: np.asarray(v, dtype=dtype) if dtype else np.asarray(v) for k, v in model_lib.flatten(tree).items()}
