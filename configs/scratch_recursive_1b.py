@@ -6,10 +6,10 @@
 
 Check it fits first: python -m rrt.aot --config configs/scratch_recursive_1b.py --topology v5e-256
 
-Measured with rrt.aot on v5e-256 (v5e:16x16, mesh data 1 x fsdp 256 x tensor 1): fits with 5.76 GiB of 16 GiB per
-chip, measured with gather_shared on (the preset now inherits recursive_gemma_1b's gather_shared=False; not
-re-measured). Cost: rrt/flops.py gives 8.09e9 training FLOPs per token; 20B tokens are 1.6e20 FLOPs,
-about 2.2 hours at 40% MFU (197 TFLOP/s bf16 per chip). (The earlier "1.1e10 FLOP/token, 16 hours" was not measured.)
+Measured with rrt.aot on v5e-256 (v5e:16x16, mesh data 1 x fsdp 256 x tensor 1, gather_shared off as inherited from
+recursive_gemma_1b, 2026-12-03): fits with 2.99 GiB of 16 GiB per chip; 13,683 MiB of all-gather per chip per step.
+Cost: 8.09e9 training FLOPs per token (rrt/flops.py, as rrt.aot prints it); 20B tokens are 1.6e20 FLOPs, 0.84 s per
+step and about 2.2 hours at 40% MFU (197 TFLOP/s bf16 per chip; XLA's cost model gives no step time here).
 """
 
 from ml_collections import config_dict
