@@ -173,13 +173,11 @@ def interleaved(b: int, t: int, steps: int) -> dict:
     return {name: {"compile_s": r["compile_s"], "step_s": r["step_s"]} for name, r in runs.items()}
 
 
-def time_torch(b: int, t: int, steps: int) -> dict:
-    """The same step in transformers: forward + loss, backward, clip to norm 1, AdamW."""
+def torch_step_parts(b: int, t: int):
+    """(model, AdamW, input ids) of the transformers step: LlamaForCausalLM of the SmolLM2 shape, float32."""
     import torch
     import transformers
 
-    torch.manual_seed(0)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
     c = SMOLLM2
     hf_cfg = transformers.LlamaConfig(
         vocab_size=c.vocab_size,
@@ -197,6 +195,16 @@ def time_torch(b: int, t: int, steps: int) -> dict:
     model = transformers.LlamaForCausalLM(hf_cfg).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     ids = torch.as_tensor(make_batch(b, t, c.vocab_size)["inputs"], dtype=torch.long)
+    return model, opt, ids
+
+
+def time_torch(b: int, t: int, steps: int) -> dict:
+    """The same step in transformers: forward + loss, backward, clip to norm 1, AdamW."""
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    model, opt, ids = torch_step_parts(b, t)
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss
