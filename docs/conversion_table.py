@@ -70,16 +70,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     src = gguf.smollm2_gguf_path()
     tok = tokenizer_lib.load_tokenizer(src)
-    ids = {
-        name: tok.encode(documents.heldout_text(path, 0.1))[: args.windows * args.seq_len]
-        for name, path in CORPORA.items()
-    }
-    windows = {n: perplexity.windows(x, args.seq_len) for n, x in ids.items()}
+    ids = {name: tok.encode(documents.heldout_text(path, 0.1)) for name, path in CORPORA.items()}
+    bos = perplexity.window_bos(tok)  # rrt.eval.perplexity's definition (SmolLM2 adds none)
+    windows = {n: perplexity.windows(x, args.seq_len, bos)[: args.windows] for n, x in ids.items()}
     base, params = formats.load(src)
     full_attn, full_mlp = convert.full_rank(base)
 
     ppl0, _, top1 = stats(base, params, windows, None)
-    check = perplexity.perplexity(model_lib.from_params(base, params), ids["TinyStories"], args.seq_len, 4, False)
+    check = perplexity.perplexity(
+        model_lib.from_params(base, params),
+        ids["TinyStories"],
+        args.seq_len,
+        4,
+        False,
+        bos_id=bos,
+        max_windows=args.windows,
+    )
     assert abs(check["ppl"] / ppl0["TinyStories"] - 1) < 1e-4, (check["ppl"], ppl0)
     rows = [
         dict(

@@ -300,7 +300,7 @@ def get_config() -> config_dict.ConfigDict:
     c.eval_every = 0  # steps between evaluations (0: only at the end)
     c.eval = config_dict.ConfigDict()
     c.eval.heldout = "tinystories_val,tinyshakespeare"  # perplexity on the held-out tails of these data sources
-    c.eval.seq_len = 256
+    c.eval.seq_len = 256  # perplexity window, led by an unscored BOS where the tokenizer adds one (rrt.eval.perplexity)
     c.eval.max_windows = 16  # perplexity windows per held-out set (0: all)
     c.eval.tasks = ""  # few-shot tasks, comma-separated (e.g. "hellaswag,arc_easy"); "" : none
     c.eval.data_dir = data  # directory holding eval/

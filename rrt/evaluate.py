@@ -6,6 +6,11 @@
         --data_dir ../shared/data --shots K --limit N --output results.json
 
 Results JSON: one key per task. Recursive models also report every exit loop (`per_loop`).
+
+Perplexity: the text is one token stream cut into non-overlapping windows of --seq_len tokens. Where the tokenizer
+adds a BOS to a text (its own configuration: Llama, Gemma), each window is that BOS plus seq_len - 1 text tokens and
+the BOS is never scored; otherwise (SmolLM2, GPT-2 style) a window's first text token is context only. Either way
+seq_len - 1 tokens per window are scored; this is the definition training's held-out metric uses (rrt.eval.perplexity).
 """
 
 import argparse
@@ -33,7 +38,11 @@ def _at_least(low: int):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="rrt.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="rrt.evaluate",
+        description=__doc__.splitlines()[0] + "\n\n" + __doc__.split("\n\n")[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "--source",
         required=True,
@@ -50,7 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1.0,
         help="score only the last fraction of --data (e.g. 0.1 for a training corpus's held-out tail)",
     )
-    p.add_argument("--seq_len", type=_at_least(2), default=512, help="perplexity window (>= 2 tokens)")
+    p.add_argument(
+        "--seq_len",
+        type=_at_least(2),
+        default=512,
+        help="perplexity window (>= 2 tokens). One BOS starts each window where the tokenizer adds one (Llama, Gemma),"
+        " never scored; without (SmolLM2) a window's first text token is context. seq_len - 1 scored per window",
+    )
     p.add_argument("--batch_size", type=_at_least(1), default=8)
     p.add_argument("--data_dir", default=None, help="directory holding eval/ (the few-shot sets)")
     p.add_argument("--shots", type=_at_least(0), default=0)
@@ -134,8 +149,9 @@ def main(argv=None) -> int:
     results = {}
     for task in args.task_list:
         if task == "perplexity":
-            ids = tokenizer.encode(text)
-            res = perplexity_lib.perplexity(model, ids, args.seq_len, args.batch_size, not args.no_progress)
+            res = perplexity_lib.text_perplexity(
+                model, tokenizer, text, args.seq_len, args.batch_size, not args.no_progress
+            )
             res["data"] = os.path.abspath(args.data)
             res["seq_len"] = args.seq_len
             results["perplexity"] = res

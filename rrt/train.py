@@ -506,10 +506,22 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
+def require_source(c: config_dict.ConfigDict) -> None:
+    """A preset that converts a pretrained model leaves `config.source` as a placeholder (None) for the user's path:
+    training refuses to start without it ("" is the explicit choice of a scratch model)."""
+    if c.source is None:
+        arch = (c.get("arch") or {}).get("architectures") or ["a pretrained model"]
+        raise app.UsageError(
+            f"config.source is unset: this preset converts {arch[0]}; pass --config.source=<HF dir | .gguf | rrt dir>"
+            " (or --config.source= to train c.model from scratch)"
+        )
+
+
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
     c = _CONFIG.value
+    require_source(c)
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     try:  # a local path made absolute; gs://bucket/dir kept a URL (rrt.paths: the one path layer)

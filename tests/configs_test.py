@@ -34,6 +34,7 @@ def test_all_configs_found():
         "recursive_gemma_1b_relaxed",
         "recursive_tinyllama_1b",
         "recursive_pythia_1b",
+        "recursive_llama32_1b",
         "scratch_recursive_1b",
     } <= set(CONFIGS)
 
@@ -75,11 +76,34 @@ def test_relaxed_gemma_adds_rank_512_lora():
     assert cfg.per_position_norms and counts["position_vectors"] == 18 * 2 * d
 
 
-@pytest.mark.parametrize("name, loops, shared", [("recursive_tinyllama_1b", 2, 11), ("recursive_pythia_1b", 2, 8)])
+@pytest.mark.parametrize(
+    "name, loops, shared",
+    [("recursive_tinyllama_1b", 2, 11), ("recursive_pythia_1b", 2, 8), ("recursive_llama32_1b", 2, 8)],
+)
 def test_paper_presets_halve_their_sources(name, loops, shared):
     _, base, cfg = build(name)
     assert (cfg.n_loops, cfg.n_shared) == (loops, shared)
     assert abs(non_embedding(cfg) / non_embedding(base) - 0.5) < 0.01
+
+
+def test_recursive_llama32_1b_is_llama_3_2_as_8_x_2():
+    c, base, cfg = build("recursive_llama32_1b")
+    assert (base.n_layers, cfg.n_shared, cfg.n_loops, cfg.strategy, c.recursion.init) == (16, 8, 2, "cycle", "stepwise")
+    assert (base.rope_scaling, base.rope_factor, base.tie_embeddings) == ("llama3", 32.0, True)
+    assert model_lib.count_params(base)["total"] == 1_235_814_400  # meta-llama/Llama-3.2-1B's published count
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_placeholder_source_is_refused_by_name(name):
+    """Presets that convert a pretrained model leave config.source to the user; training says so before it starts."""
+    from absl import app
+
+    c = config_lib.preset(name)
+    if c.source is not None:
+        train.require_source(c)  # a real source, or "" (scratch): nothing to refuse
+        return
+    with pytest.raises(app.UsageError, match=r"config\.source is unset.*--config\.source="):
+        train.require_source(c)
 
 
 def test_scratch_1b_size():

@@ -37,10 +37,14 @@ def hf_dir(tmp_path_factory):
     return path, m, tok
 
 
-def reference_ppl(m, ids, seq_len):
-    """Consecutive non-overlapping windows; every token but a window's first scored given its prefix."""
-    n = len(ids) // seq_len
-    w = torch.tensor(np.asarray(ids[: n * seq_len]).reshape(n, seq_len))
+def reference_ppl(m, ids, seq_len, bos=None):
+    """Consecutive non-overlapping windows; every token but a window's first scored given its prefix. With a BOS:
+    each window is the BOS and seq_len - 1 text tokens, every text token scored and the BOS never."""
+    width = seq_len - (bos is not None)
+    n = len(ids) // width
+    w = torch.tensor(np.asarray(ids[: n * width]).reshape(n, width))
+    if bos is not None:
+        w = torch.cat([torch.full((n, 1), bos), w], 1)
     with torch.no_grad():
         logp = torch.log_softmax(m(w).logits.double(), -1)
     nll = -logp[:, :-1].gather(-1, w[:, 1:, None])[..., 0]
@@ -76,9 +80,48 @@ def test_perplexity_cli_matches_transformers(hf_dir, tmp_path):
     assert set(res) >= {"ppl", "nll", "tokens"} and len(res["per_loop"]) == 1
 
 
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_perplexity_follows_the_tokenizers_bos_convention(hf_dir, tmp_path, add_bos):
+    """A Hugging Face directory whose tokenizer adds a BOS (as Llama's and Gemma's do) or not: the CLI and training's
+    held-out metric (rrt.eval.heldout) give the reference, whose BOS and ids come from transformers' tokenizer."""
+    import shutil
+
+    from rrt.eval import heldout
+
+    path, m, tok = hf_dir
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(path / name, model_dir / name)
+    tokenizer.save_hf(tokenizer.Tokenizer(tok.backend, 1, 2, add_bos, False), str(model_dir), "llama")
+    ref_tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    plain, full = ref_tok("a", add_special_tokens=False).input_ids, ref_tok("a").input_ids
+    bos = full[0] if len(full) > len(plain) else None
+    assert (bos is not None) == add_bos and bos in (None, ref_tok.bos_token_id)
+    text = open(TEXT, encoding="utf-8").read()[:5000]
+    ref, count = reference_ppl(m, ref_tok(text, add_special_tokens=False).input_ids, 48, bos)
+
+    data, out = tmp_path / "text.txt", tmp_path / "results.json"
+    data.write_text(text, encoding="utf-8")
+    argv = ["--source", str(model_dir), "--task", "perplexity", "--data", str(data), "--seq_len", "48"]
+    assert evaluate.main([*argv, "--output", str(out), "--batch_size", "4", "--no_progress"]) == 0
+    res = json.loads(out.read_text())["perplexity"]
+    assert (res["tokens"], res["bos"]) == (count, add_bos)
+    assert abs(res["ppl"] - ref) / ref < 1e-4, (res["ppl"], ref)
+
+    from rrt import formats
+
+    spec = heldout.Spec(seq_len=48, windows=0, batch_size=4)
+    texts = {"tinystories": text}
+    held = heldout.evaluate(formats.load_model(str(model_dir)), formats.load_tokenizer(str(model_dir)), spec, texts)
+    assert held["perplexity"]["tinystories"]["ppl"] == pytest.approx(res["ppl"], rel=1e-6)
+
+
 def test_windows_definition():
     w = perplexity.windows(list(range(10)), 4)
     assert w.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]  # the partial last window is dropped
+    w = perplexity.windows(list(range(10)), 4, bos_id=99)  # BOS + seq_len - 1 text tokens
+    assert w.tolist() == [[99, 0, 1, 2], [99, 3, 4, 5], [99, 6, 7, 8]]
     with pytest.raises(ValueError, match="fewer than one window"):
         perplexity.windows([1, 2], 4)
 

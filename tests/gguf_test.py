@@ -56,7 +56,7 @@ def write_gguf(hf_model, path: str, extra_tensor: str | None = None) -> None:
                 a = llama_cpp_permute(a, c.num_key_value_heads)
             w.add_tensor(f"blk.{i}.{names[rest]}.weight", a)
     if extra_tensor:
-        w.add_tensor(extra_tensor, np.ones(4, np.float32))
+        w.add_tensor(extra_tensor, np.full(4, 2.0, np.float32))  # not a per-frequency scaling rrt implements
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

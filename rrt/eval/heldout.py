@@ -25,7 +25,7 @@ from rrt.eval import fewshot, perplexity, scoring, tasks
 class Spec:
     """What to evaluate. Library code takes this; entry points build it from their config or flags."""
 
-    seq_len: int = 256  # perplexity window, tokens
+    seq_len: int = 256  # perplexity window, tokens (with the BOS, where the tokenizer adds one: rrt.eval.perplexity)
     windows: int = 16  # perplexity windows per corpus (0: all)
     tasks: tuple[str, ...] = ()  # few-shot task names or specs (rrt.eval.tasks)
     data_dir: str | None = None  # the directory holding eval/ (the shared data)
@@ -93,11 +93,15 @@ def evaluate(
         if corpus in results["perplexity"]:
             continue
         t0 = time.time()
-        ids = tokenizer.encode(text)
-        if spec.windows:
-            ids = ids[: spec.windows * spec.seq_len]
-        res = perplexity.perplexity(
-            model, ids, spec.seq_len, batch_size=spec.batch_size, progress=progress, scorer=scorer
+        res = perplexity.text_perplexity(
+            model,
+            tokenizer,
+            text,
+            spec.seq_len,
+            batch_size=spec.batch_size,
+            progress=progress,
+            scorer=scorer,
+            max_windows=spec.windows,
         )
         results["perplexity"][corpus] = res
         if on_result:

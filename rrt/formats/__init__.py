@@ -91,13 +91,14 @@ class PositionWarning(UserWarning):
 
 def max_positions(source: str, _depth: int = 0) -> int | None:
     """The context length `source` declares: an HF config.json's max_position_embeddings, a GGUF's
-    llama.context_length; for an rrt model dir or training workdir, that of the model it was converted or expanded
+    <arch>.context_length; for an rrt model dir or training workdir, that of the model it was converted or expanded
     from. None when nothing declares one (a scratch model, a missing source)."""
     source = resolve_source(source)
     if _depth > 8 or not source:
         return None
     if os.path.isfile(source) and source.endswith(".gguf"):
-        n = gguf.field(gguf.reader(source), "llama.context_length")
+        r = gguf.reader(source)
+        n = gguf.field(r, f"{gguf.field(r, 'general.architecture')}.context_length")
         return int(n) if n else None
     if paths.is_url(source) or os.path.isfile(os.path.join(source, "rrt_model.json")):
         from rrt.formats import rrt_dir

@@ -4,7 +4,8 @@
 `add_bos` / `add_eos` flags this tokenizer's own configuration states. A GGUF holds no tokenizer.json, so its
 byte-level BPE is rebuilt from `tokenizer.ggml.tokens` / `merges` with the pre-tokenizer llama.cpp names in
 `tokenizer.ggml.pre` (SmolLM2's `smollm`: single digits split off, then GPT-2's byte-level regex), as in the original
-tokenizer.json. `save(dir)` writes tokenizer.json (or tokenizer.model) plus `rrt_tokenizer.json` with the ids and
+tokenizer.json; Llama 3's `llama-bpe` and Qwen2's `qwen2` split with their regexes first, as llama.cpp does.
+`save(dir)` writes tokenizer.json (or tokenizer.model) plus `rrt_tokenizer.json` with the ids and
 flags, so a saved tokenizer reloads identically whatever its origin.
 """
 
@@ -21,13 +22,38 @@ META = "rrt_tokenizer.json"
 HF_JSON = "tokenizer.json"
 SP_MODEL = "tokenizer.model"
 GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
+# The split regexes of llama.cpp's llama-vocab.cpp (and of the original tokenizer.json files): Llama 3 groups digits in
+# threes, Qwen2 splits single digits.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _split_then_bytes(regex: str):
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(tokenizers.Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
 # tokenizer.ggml.pre -> the pre-tokenizer its merges were learned with.
 GGUF_PRE = {
     "smollm": lambda: pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     ),
     "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
+    "llama-bpe": lambda: _split_then_bytes(LLAMA3_SPLIT),  # Llama 3.x; llama.cpp also calls it llama3 / llama-v3
+    "llama3": lambda: _split_then_bytes(LLAMA3_SPLIT),
+    "llama-v3": lambda: _split_then_bytes(LLAMA3_SPLIT),
+    "qwen2": lambda: _split_then_bytes(QWEN2_SPLIT),  # Qwen2 / Qwen2.5 (no NFC normalizer, as in llama.cpp)
 }
+# Pre-tokenizers whose whole words are looked up in the vocabulary before any merge (llama.cpp's ignore_merges, and
+# `"ignore_merges": true` in Llama 3's tokenizer.json).
+GGUF_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
 
 
 class Tokenizer:
@@ -149,7 +175,9 @@ def from_gguf(path: str) -> Tokenizer:
     tokens = get("tokens")
     types = get("token_type") or [1] * len(tokens)  # 1: normal
     merges = [tuple(m.split(" ")) for m in get("merges")]
-    backend = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    bpe = models.BPE(vocab, merges, fuse_unk=False, ignore_merges=pre in GGUF_IGNORE_MERGES)
+    backend = tokenizers.Tokenizer(bpe)
     backend.pre_tokenizer = GGUF_PRE[pre]()
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(
