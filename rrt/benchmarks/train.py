@@ -5,7 +5,8 @@ theta 1e5) at batch 4 x 256 tokens in float32, the real step (`rrt.train.train_s
 gradients, global-norm clipping, AdamW):
   throughput  tokens/s and MFU of the vanilla 30-layer step; MFU against the float32 matmul peak measured in the
               same run (`rrt.flops.measure_matmul_peak`), FLOPs from `rrt.flops` (matmuls only, remat not counted)
-  torch       the same step in Hugging Face transformers (LlamaForCausalLM, AdamW, clipping, float32, all cores)
+  torch       the same step in Hugging Face transformers (LlamaForCausalLM, AdamW, clipping, float32, all cores),
+              taken in turns with rrt's steps (ABAB) in one process, so that a change of load hits both
   recursion   the strict 15 x 2 recursive step over the vanilla step (the same FLOPs), steps taken in turns in
               one process; also a logged recursive step, which computes loop 1's loss for the log (+1 head forward)
   compile     compile time of 15 x 8 over 15 x 2 (K = 15 shared layers, B = 8 vs 2 loops): the scans keep it flat
@@ -18,8 +19,9 @@ gradients, global-norm clipping, AdamW):
 Every measurement runs in its own process (a fresh heap: peak RSS is its own, and one variant's allocations never
 slow or kill another's). Targets (printed beside each number): MFU >= 50% of the measured peak, >= 1.3x PyTorch,
 recursive / vanilla <= 1.05, compile ratio <= 1.2, recursive memory <= vanilla. Timings are medians over --steps
-steps after one warm-up step; other load on the machine moves them (the script prints the load average it started
-under).
+steps after one warm-up step; other load on the machine moves them: the script prints the load average before and
+after each measurement and the share of the cores other processes took during it (from /proc/stat), and warns above
+10%.
 """
 
 import argparse
@@ -145,11 +147,47 @@ def run_jax(cfg, b: int, t: int, steps: int) -> dict:
     }
 
 
-def interleaved(b: int, t: int, steps: int) -> dict:
-    """Step times of vanilla and recursive 15 x 2, measured in turns (v, r, r', v, r, r', ...) in one process, so
-    that a change of load moves them alike. r is a step the training loop does not log (most steps: log_every is
-    10 by default), r' a logged one, which also computes the untrained loop's loss for the log (one more head
-    forward): the same compiled step, called with log_loops False / True. Vanilla has one loop: both are equal."""
+class CoreWatch:
+    """What else used the cores during a measurement: the load average before and after, and the CPU seconds every
+    other process took (/proc/stat's busy time minus this process's own), as a share of the cores' wall time."""
+
+    def __enter__(self):
+        self.load_before, self.busy, self.own, self.wall = os.getloadavg()[0], _busy_s(), _own_s(), time.time()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.time() - self.wall
+        others = max(0.0, (_busy_s() - self.busy) - (_own_s() - self.own))
+        self.load_after = os.getloadavg()[0]
+        self.others_share = others / max(wall * len(os.sched_getaffinity(0)), 1e-9)
+
+    def record(self) -> dict:
+        return {"load_before": self.load_before, "load_after": self.load_after, "others_share": self.others_share}
+
+
+def _busy_s() -> float:
+    """Busy CPU seconds of the whole machine so far (Linux /proc/stat; 0 elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def interleaved(b: int, t: int, steps: int, with_torch: bool = True) -> dict:
+    """Step times of vanilla, recursive 15 x 2 and (with_torch) the transformers step, measured in turns
+    (v, r, r', torch, v, r, r', torch, ...) in one process, so that a change of load moves them alike. r is a step the
+    training loop does not log (most steps: log_every is 10 by default), r' a logged one, which also computes the
+    untrained loop's loss for the log (one more head forward): the same compiled step, called with log_loops False /
+    True. Vanilla has one loop: both are equal. Each timed step records the load and the other processes' CPU share
+    (CoreWatch)."""
     batch = jax.tree.map(jnp.asarray, make_batch(b, t, SMOLLM2.vocab_size))
     runs = {}
     for name, cfg in (("vanilla", variant("vanilla")), ("recursive", variant("recursive"))):
@@ -158,19 +196,32 @@ def interleaved(b: int, t: int, steps: int) -> dict:
         state = [params, opt.init(params)]
         start = time.perf_counter()
         compiled = fn.lower(state[0], state[1], None, batch, jnp.asarray(False)).compile()
-        runs[name] = {"state": state, "step": compiled, "compile_s": time.perf_counter() - start, "step_s": []}
-        runs[name]["log"] = jnp.asarray(False)
-    runs["recursive_logged"] = {**runs["recursive"], "step_s": [], "log": jnp.asarray(True)}  # shares the state
-    for i in range(steps + 1):
-        for r in runs.values():
-            start = time.perf_counter()
+
+        def run(r):
             params, opt_state, metrics = r["step"](r["state"][0], r["state"][1], None, batch, r["log"])
             jax.block_until_ready((params, opt_state, metrics))
             r["state"][:] = [params, opt_state]
-            if i:  # the first round is the warm-up
-                r["step_s"].append(time.perf_counter() - start)
             assert np.isfinite(float(metrics["loss"])), metrics
-    return {name: {"compile_s": r["compile_s"], "step_s": r["step_s"]} for name, r in runs.items()}
+
+        runs[name] = {"state": state, "step": compiled, "compile_s": time.perf_counter() - start, "run": run}
+        runs[name]["log"] = jnp.asarray(False)
+    runs["recursive_logged"] = {**runs["recursive"], "log": jnp.asarray(True)}  # shares the state
+    if with_torch:
+        torch_step, threads = torch_stepper(b, t)
+        runs["torch"] = {"run": lambda r: torch_step(), "compile_s": 0.0, "threads": threads}
+    for r in runs.values():
+        r["step_s"], r["watch"] = [], []
+    for i in range(steps + 1):
+        for r in runs.values():
+            with CoreWatch() as watch:
+                start = time.perf_counter()
+                r["run"](r)
+                elapsed = time.perf_counter() - start
+            if i:  # the first round is the warm-up
+                r["step_s"].append(elapsed)
+                r["watch"].append(watch.record())
+    keep = ("compile_s", "step_s", "watch", "threads")
+    return {name: {k: r[k] for k in keep if k in r} for name, r in runs.items()}
 
 
 def torch_step_parts(b: int, t: int):
@@ -198,8 +249,8 @@ def torch_step_parts(b: int, t: int):
     return model, opt, ids
 
 
-def time_torch(b: int, t: int, steps: int) -> dict:
-    """The same step in transformers: forward + loss, backward, clip to norm 1, AdamW."""
+def torch_stepper(b: int, t: int):
+    """(step, threads): one call is the transformers step (forward + loss, backward, clip to norm 1, AdamW)."""
     import torch
 
     torch.manual_seed(0)
@@ -212,14 +263,10 @@ def time_torch(b: int, t: int, steps: int) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"torch step: loss {loss.item()}")
 
-    times = []
-    for i in range(steps + 1):
-        start = time.perf_counter()
-        step()
-        if i:
-            times.append(time.perf_counter() - start)
-    return {"step_s": times, "threads": torch.get_num_threads()}
+    return step, torch.get_num_threads()
 
 
 def compile_seconds(cfg: model_lib.ModelConfig, b: int, t: int) -> dict:
@@ -257,14 +304,12 @@ def run_gemma(b: int, t: int, steps: int, layers: int) -> dict:
 
 
 def probe(what: str, b: int, t: int, steps: int) -> dict:
-    """One measurement, run in this (fresh) process: torch | interleaved | compile:<loops> | <variant>:<remat> |
+    """One measurement, run in this (fresh) process: interleaved[:torch] | compile:<loops> | <variant>:<remat> |
     gemma:<layers> (b, t are then the Gemma batch and sequence length)."""
     if what.startswith("gemma:"):
         return run_gemma(b, t, steps, int(what.split(":")[1]))
-    if what == "torch":
-        return time_torch(b, t, steps)
-    if what == "interleaved":
-        return interleaved(b, t, steps)
+    if what in ("interleaved", "interleaved:torch"):
+        return interleaved(b, t, steps, with_torch=what.endswith(":torch"))
     if what.startswith("compile:"):
         loops = int(what.split(":")[1])
         return compile_seconds(variant("recursive", n_layers=15 * loops, n_loops=loops), b, t)
@@ -335,7 +380,16 @@ def main() -> None:
     print(f"measured float32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s", flush=True)
 
     tokens = b * t
-    timed = measure("interleaved", b, t, a.steps)
+    timed = measure("interleaved" + ("" if "torch" in skip else ":torch"), b, t, a.steps)
+    for name, r in timed.items():  # what else ran during each timed step
+        w = r["watch"]
+        busy = max(x["others_share"] for x in w)
+        print(
+            f"  {name}: load average {w[0]['load_before']:.1f} before its first timed step, {w[-1]['load_after']:.1f} "
+            f"after its last; other processes used at most {busy:.0%} of the cores during a step"
+            + (" -- WARNING: something else used the cores; rerun on a quiet machine" if busy > 0.1 else ""),
+            flush=True,
+        )
     v_step = median(timed["vanilla"]["step_s"])
     v_tok_s = tokens / v_step
     mfu = v_tok_s * flops_lib.train_flops_per_token(variant("vanilla"), t, 1) / peak
@@ -359,11 +413,11 @@ def main() -> None:
             )
 
     if "torch" not in skip:
-        pt = measure("torch", b, t, a.steps)
+        pt = timed["torch"]
         ratio = median(pt["step_s"]) / v_step
         print(
-            f"torch (transformers, {pt['threads']} threads): step {median(pt['step_s']):.2f} s; JAX is {ratio:.2f}x "
-            f"faster [target >= 1.3x: {mark(ratio >= 1.3)}]",
+            f"torch (transformers, {pt['threads']} threads): step {median(pt['step_s']):.2f} s, taken in turns with "
+            f"rrt's; rrt is {ratio:.2f}x faster [target >= 1.3x: {mark(ratio >= 1.3)}]",
             flush=True,
         )
 
