@@ -53,6 +53,56 @@ def olmo2(layers=3, bias=False):
     return randomize(transformers.Olmo2ForCausalLM(cfg), norm_center=1.0)
 
 
+# Windows shorter than the parity test's 256-token rows, so that they matter; eager attention (the reference
+# implementation of soft-capping in transformers).
+WINDOW = 48
+
+
+def mistral(layers=3, tie=False):
+    cfg = transformers.MistralConfig(
+        **SHAPES,
+        num_hidden_layers=layers,
+        head_dim=16,
+        sliding_window=WINDOW,
+        rope_theta=5000.0,
+        tie_word_embeddings=tie,
+    )
+    return randomize(transformers.MistralForCausalLM(cfg), norm_center=1.0)
+
+
+def gemma2(layers=3, tie=True):
+    cfg = transformers.Gemma2Config(
+        **SHAPES,
+        num_hidden_layers=layers,
+        head_dim=16,
+        sliding_window=WINDOW,
+        query_pre_attn_scalar=24,  # not head_dim: the scale is its own
+        attn_logit_softcapping=5.0,  # small caps, which bite at this weight scale
+        final_logit_softcapping=3.0,
+        rope_theta=5000.0,
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
+    )
+    return randomize(transformers.Gemma2ForCausalLM(cfg), norm_center=0.0)
+
+
+def gemma3(layers=7, tie=True):
+    cfg = transformers.Gemma3TextConfig(
+        **SHAPES,
+        num_hidden_layers=layers,  # 7: five local layers, a global one, a local one (sliding_window_pattern 6)
+        head_dim=16,
+        sliding_window=WINDOW,
+        query_pre_attn_scalar=24,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 100000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+        },
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
+    )
+    return randomize(transformers.Gemma3ForCausalLM(cfg), norm_center=0.0)
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -64,8 +114,23 @@ def olmo2(layers=3, bias=False):
         lambda: qwen3(tie=True),
         olmo2,
         lambda: olmo2(bias=True),
+        mistral,
+        gemma2,
+        gemma3,
     ],
-    ids=["llama3", "llama-linear", "qwen2-tied", "qwen2", "qwen3", "qwen3-tied", "olmo2", "olmo2-bias"],
+    ids=[
+        "llama3",
+        "llama-linear",
+        "qwen2-tied",
+        "qwen2",
+        "qwen3",
+        "qwen3-tied",
+        "olmo2",
+        "olmo2-bias",
+        "mistral",
+        "gemma2",
+        "gemma3",
+    ],
 )
 def test_parity(make, tmp_path):
     hf_model = make()
