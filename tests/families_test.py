@@ -184,8 +184,12 @@ def test_unimplemented_fields_are_named_errors(make, change, named):
         lambda: qwen2(layers=4),
         lambda: qwen3(layers=4),
         lambda: olmo2(layers=4, bias=True),
+        # 8 layers as 4 x 2 (cycle): shared layer 1 runs at local position 1 and at global position 5.
+        lambda: gemma3(layers=8),
+        pytest.param(lambda: gemma2(layers=4), marks=pytest.mark.slow),  # default run under 20 min
+        pytest.param(lambda: mistral(layers=4), marks=pytest.mark.slow),
     ],
-    ids=["llama3", "qwen2", "qwen3", "olmo2"],
+    ids=["llama3", "qwen2", "qwen3", "olmo2", "gemma3", "gemma2", "mistral"],
 )
 def test_export_of_a_relaxed_recursive_model(make, tmp_path):
     hf_model = make()
@@ -193,7 +197,8 @@ def test_export_of_a_relaxed_recursive_model(make, tmp_path):
     out = str(tmp_path / "export")
     export.export(source, out)
     config = hf.read_config(out)
-    assert config["model_type"] == hf_model.config.model_type and config["num_hidden_layers"] == 4
+    assert config["model_type"] == hf_model.config.model_type
+    assert config["num_hidden_layers"] == hf_model.config.num_hidden_layers
     ids = hf_parity_test.tokens()[:2, :64]
     err = hf_parity_test.rel_error(export_test.hf_logits(out, ids), export_test.rrt_logits(source, ids))
     print(f"relative error {err:.2e}")
