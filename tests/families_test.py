@@ -86,6 +86,12 @@ def gemma2(layers=3, tie=True):
     return randomize(transformers.Gemma2ForCausalLM(cfg), norm_center=0.0)
 
 
+GEMMA3_ROPE = {  # bases far apart, so that a layer rotated with the other one shows
+    "full_attention": {"rope_type": "default", "rope_theta": 100000.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+}
+
+
 def gemma3(layers=7, tie=True):
     cfg = transformers.Gemma3TextConfig(
         **SHAPES,
@@ -93,10 +99,7 @@ def gemma3(layers=7, tie=True):
         head_dim=16,
         sliding_window=WINDOW,
         query_pre_attn_scalar=24,
-        rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": 100000.0},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
-        },
+        rope_parameters=GEMMA3_ROPE,
         tie_word_embeddings=tie,
         attn_implementation="eager",
     )
@@ -140,6 +143,24 @@ def test_parity(make, tmp_path):
     assert err < 1e-5
 
 
+def test_gemma_fields_are_read(tmp_path):
+    """What the Gemma 2/3 and Mistral parity tests rely on is read as such (the switches are on, not defaulted)."""
+    m2, m3, mi = (hf.config_from_hf(config_of(make)) for make in (gemma2, gemma3, mistral))
+    assert (m2.attn_soft_cap, m2.final_soft_cap, m2.query_scalar, m2.sliding_window) == (5.0, 3.0, 24.0, WINDOW)
+    assert m2.norm_position == m3.norm_position == "sandwich" and m2.norm_offset == m3.norm_offset == 1.0
+    assert m3.qk_norm == "head" and (m3.rope_theta, m3.rope_local_theta) == (100000.0, 500.0)
+    assert hf.config_from_hf(config_of(lambda layers: gemma3(layers=7))).local_positions().tolist() == [
+        True,
+        True,
+        True,
+        True,
+        True,
+        False,
+        True,
+    ]
+    assert mi.sliding_window == WINDOW and mi.local_positions().all() and not mi.mixed_attention
+
+
 def test_llama3_scaling_in_rope_scaling_beside_default_rope_parameters(tmp_path):
     """Converted Llama 3 checkpoints may hold a default `rope_parameters` and the real `rope_scaling`."""
     llama3().save_pretrained(tmp_path)
@@ -169,8 +190,26 @@ def config_of(make) -> dict:
         (qwen3, {"layer_types": ["sliding_attention"]}, "layer_types"),
         (olmo2, {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
         (olmo2, {"architectures": ["Olmo2ForSequenceClassification"]}, "Olmo2ForSequenceClassification"),
+        # MistralForCausalLM ignores layer_types (Ministral's alternation): refused rather than half-read.
+        (mistral, {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+        (gemma2, {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        (
+            gemma3,
+            {"rope_parameters": {**GEMMA3_ROPE, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+            "sliding_attention",
+        ),
     ],
-    ids=["llama-yarn", "llama3-missing-field", "qwen2-sliding", "qwen3-layer-types", "olmo2-dynamic", "olmo2-arch"],
+    ids=[
+        "llama-yarn",
+        "llama3-missing-field",
+        "qwen2-sliding",
+        "qwen3-layer-types",
+        "olmo2-dynamic",
+        "olmo2-arch",
+        "mistral-layer-types",
+        "gemma2-bidirectional",
+        "gemma3-local-rope-type",
+    ],
 )
 def test_unimplemented_fields_are_named_errors(make, change, named):
     with pytest.raises(ValueError, match=named):
