@@ -246,13 +246,30 @@ def test_export_of_a_relaxed_recursive_model(make, tmp_path):
 
 # Decoding: the cache path, the deep-KV projection and depth-wise batching (per-row qk-norm weights) with the new
 # switches, on decode_test's tiny random recursive models.
-SWITCHES = {"qwen3": dict(qk_norm="head"), "olmo2": dict(qk_norm="proj", norm_position="post")}
+# Gemma 3's: local and global positions alternate within a shared layer's loops (cycle, K = 2: shared layer 0 is
+# local at positions 0 and 4, global at 2), a window shorter than the prompts plus their continuations, a local RoPE
+# base, and Gemma 2's soft cap and query scale; depth-wise batching then holds rows of both kinds at one step.
+GEMMA3_SWITCHES = dict(
+    qk_norm="head",
+    norm_position="sandwich",
+    norm_offset=1.0,
+    layer_types=("sliding_attention", "sliding_attention", "full_attention") * 2,
+    sliding_window=4,
+    rope_local_theta=500.0,
+    attn_soft_cap=5.0,
+    query_scalar=12.0,
+)
+SWITCHES = {
+    "qwen3": dict(qk_norm="head"),
+    "olmo2": dict(qk_norm="proj", norm_position="post"),
+    "gemma3": GEMMA3_SWITCHES,
+}
 
 
 @pytest.mark.parametrize(
     "switches",
-    [SWITCHES["qwen3"], pytest.param(SWITCHES["olmo2"], marks=pytest.mark.slow)],  # default run under 20 min
-    ids=list(SWITCHES),
+    [SWITCHES["qwen3"], pytest.param(SWITCHES["olmo2"], marks=pytest.mark.slow), SWITCHES["gemma3"]],
+    ids=list(SWITCHES),  # default run under 20 min
 )
 def test_decoding_with_the_new_switches(switches):
     import jax
@@ -266,6 +283,7 @@ def test_decoding_with_the_new_switches(switches):
     from rrt.decode import depthwise, early_exit
 
     m = tiny("cycle", 4, seed=2, **switches)
+    assert m.cfg.mixed_attention == ("layer_types" in switches)
     assert m.cfg.norm_names()[-2:] == ["q_norm", "k_norm"] and "relax/q_norm" in model_lib.flat_params(m)
     ps = prompts()
     out = decode.generate(m, ps, NEW, return_logits=True)
