@@ -115,6 +115,21 @@ def test_splash_equals_xla_forward_and_gradients(n, g, dtype, window, cap):
         assert rel(gs, gx) < tol, name
 
 
+@pytest.mark.parametrize("kind", ["xla", "splash"])
+def test_traced_local_flag_picks_the_window(kind):
+    """Models whose local and global layers alternate pass the kind as a traced flag (one compiled block serves
+    both): the window applies exactly where it is true (splash: `lax.cond` between its two static masks)."""
+    pos, seg = packed_rows()
+    q, k, v = qkv(4, 2)
+    fn = jax.jit(
+        lambda q, k, v, local: attention.self_attention(
+            q, k, v, pos, seg, kind=kind, sliding_window=16, soft_cap=4.0, local=local
+        )
+    )
+    for local, window in ((True, 16), (False, None)):
+        assert rel(fn(q, k, v, jnp.asarray(local)), numpy_reference(q, k, v, pos, seg, window, 4.0)) < 1e-5
+
+
 @pytest.mark.parametrize("window", [None, 8])
 @pytest.mark.parametrize("n,g", HEADS)
 def test_cudnn_arguments_keep_packed_documents_apart(n, g, window):
