@@ -153,6 +153,25 @@ def main(argv=None) -> int:
     return 0
 
 
+# Static text (not measured): what recursion shares in families with local and global layers.
+LOCAL_GLOBAL = [
+    "## Families with local and global layers (Mistral, Gemma 2, Gemma 3)",
+    "",
+    "A strict (rank 0) recursive model of such a family shares the projection weights (q, k, v, o, gate, up, "
+    "down, and Gemma 3's q/k-norm weights with the other norms unless per-position norms are on) of each shared "
+    "layer across its loops. What it keeps per depth position is the attention kind of the original layer at that "
+    "depth: local (sliding window) or global (`layer_types`), the window it implies, and the RoPE base that goes "
+    "with the kind (Gemma 3: rope_local_base_freq for local positions, rope_theta for global ones). A shared layer "
+    "whose loops land on a local and on a global position therefore attends within the window at the one and over "
+    "the whole row at the other; the kind is a per-position flag of the scan (`relax/local`, a constant, not a "
+    "parameter), never a property of the shared layer. With `per_position_norms` (relaxed models, by default) every "
+    "position also keeps its own norm weights (Gemma 2/3: the four sandwich norms, and q/k-norms). Soft caps, the "
+    "query scale (query_pre_attn_scalar) and the embedding scale are the same at every position. So a full-rank "
+    "relaxed model of these families reproduces the original exactly (tests/recursive_test.py).",
+    "",
+]
+
+
 def _fmt(x: float) -> str:
     return f"{x:.2f}" if x < 1e5 else f"{x:.3g}"
 
@@ -212,6 +231,7 @@ def render(rows, args, argv, planned: int) -> None:
     plot_path = os.path.join(args.out, "conversion_rank.png")
     _plot(main_rows, plot_path)
     lines += ["", f"![perplexity against rank]({os.path.basename(plot_path)})", ""]
+    lines += LOCAL_GLOBAL
     if len(rows) < planned:
         lines += [f"**Partial: {len(rows)} of {planned} rows measured; rerun the command for the rest.**", ""]
     with open(os.path.join(args.out, "CONVERSION.md"), "w") as f:

@@ -16,14 +16,18 @@ Design notes.
   positions (left padding, a KV cache) must use "xla"; `positions_consecutive` checks the property on host arrays.
 * `sliding_window` W (int | None): a query sees itself and the W - 1 keys before it (q - k < W, Hugging Face's
   Mistral/Gemma convention). `soft_cap` c (float | None): logits -> c * tanh(logits / c), after the scale
-  (Gemma 2). `scale` defaults to 1 / sqrt(H). No model config uses the window or the cap yet; they are here so that
-  Gemma 2/3 and Mistral configs only have to pass them.
+  (Gemma 2). `scale` defaults to 1 / sqrt(H) (Gemma: 1 / sqrt(query_pre_attn_scalar)). ModelConfig's
+  `sliding_window`, `attn_soft_cap` and `query_scalar` set them. `local` (a traced boolean scalar, None: True) says
+  whether the window applies: in models whose local and global layers alternate the kind is a per-position value
+  of the scan (rrt/model.py), so one traced block serves both. XLA masks with it; splash and cuDNN, whose masks are
+  static, pick one of two kernels (with and without the window) with `lax.cond`.
 * "auto" resolves at trace time (`resolve`): on the platform of the abstract mesh in context (rrt.train.build_step
   traces the step under `jax.sharding.use_abstract_mesh`, so a TPU program compiled ahead of time on a CPU host
   resolves to splash), else `jax.default_backend()`. TPU: splash when the row length suits its blocks and there is
   a mesh in context to shard_map over (or a single device: evaluation and decoding jit outside the train step's
   mesh, and XLA cannot partition a Mosaic kernel itself), GPU: cuDNN when its kernel supports the call (16-bit
-  dtype, no soft cap, head dim a multiple of 8 up to 128), else XLA.
+  dtype, no soft cap, head dim a multiple of 8 up to 128), else XLA. (Gemma 2/3's head dim 256 and Gemma 2's soft
+  cap therefore run XLA on GPU under "auto".)
 * Splash is a Mosaic kernel, which XLA does not partition: it runs inside `jax.shard_map` over the mesh in context,
   rows over the table's `batch` axes and heads over `heads` (rrt/sharding.py RULES; an axis that does not divide
   the dimension is replicated, as for parameters), one kernel per local row (vmap). Off TPU it runs in Pallas
@@ -50,12 +54,13 @@ KINDS = ("auto", "xla", "splash", "cudnn")
 _SPLASH_BLOCKS = (512, 256, 128)
 
 
-def causal_mask(positions_BxT, segment_ids_BxT=None, sliding_window: int | None = None) -> jax.Array:
-    """[B, T, T] bool: key position <= query position (and within the window), same segment."""
+def causal_mask(positions_BxT, segment_ids_BxT=None, sliding_window: int | None = None, local=None) -> jax.Array:
+    """[B, T, T] bool: key position <= query position (and within the window where `local`), same segment."""
     q, k = positions_BxT[:, :, None], positions_BxT[:, None, :]
     mask = k <= q
     if sliding_window is not None:
-        mask &= q - k < sliding_window
+        near = q - k < sliding_window
+        mask &= near if local is None else near | ~jnp.asarray(local)
     if segment_ids_BxT is not None:
         mask &= segment_ids_BxT[:, None, :] == segment_ids_BxT[:, :, None]
     return mask
@@ -139,12 +144,30 @@ def self_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     scale: float | None = None,
+    local=None,
 ) -> jax.Array:
-    """Causal self-attention over (packed) rows with the kernel `kind` (see the module notes on masks)."""
+    """Causal self-attention over (packed) rows with the kernel `kind` (see the module notes on masks). With a
+    traced `local` flag, the window applies where it is true."""
     b, t, n, h = q_BxTxNxH.shape
     kind = resolve(kind, seq_len=t, head_dim=h, dtype=q_BxTxNxH.dtype, soft_cap=soft_cap)
     if kind == "splash" and splash_block(t) is None:  # e.g. evaluation windows of seq_len - 1 tokens
         kind = "xla"
+    if kind != "xla" and sliding_window is not None and local is not None:  # static masks: one kernel per kind
+
+        def run(window):
+            return lambda: self_attention(
+                q_BxTxNxH,
+                k_BxTxGxH,
+                v_BxTxGxH,
+                positions_BxT,
+                segment_ids_BxT,
+                kind=kind,
+                sliding_window=window,
+                soft_cap=soft_cap,
+                scale=scale,
+            )
+
+        return jax.lax.cond(jnp.asarray(local), run(sliding_window), run(None))
     if kind == "splash":
         return splash(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, segment_ids_BxT, sliding_window, soft_cap, scale)
     if kind == "cudnn":
@@ -152,7 +175,7 @@ def self_attention(
             raise ValueError("attention='cudnn' cannot soft-cap logits (cuDNN has no such option): use 'xla'")
         args = cudnn_arguments(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, segment_ids_BxT, sliding_window, scale)
         return jax.nn.dot_product_attention(**args, implementation="cudnn")
-    mask = causal_mask(positions_BxT, segment_ids_BxT, sliding_window)
+    mask = causal_mask(positions_BxT, segment_ids_BxT, sliding_window, local)
     return attend(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, mask, scale=scale, soft_cap=soft_cap)
 
 

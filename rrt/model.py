@@ -1,5 +1,5 @@
-"""One Flax NNX decoder for Llama (2, 3.x), Qwen2/2.5, Qwen3, OLMo 2, Gemma (v1) and GPT-NeoX, vanilla or (relaxed)
-recursive.
+"""One Flax NNX decoder for Llama (2, 3.x), Mistral, Qwen2/2.5, Qwen3, OLMo 2, Gemma (1, 2, 3 text) and GPT-NeoX,
+vanilla or (relaxed) recursive.
 
 Dimension legend, used in names such as `x_BxTxD`:
   B batch, T query time, S key time (cache length), D model width, N query heads, G key/value heads,
@@ -31,6 +31,18 @@ Design notes.
   sub-blocks, or OLMo 2's after them, on their outputs), whether q and k are RMS-normed before RoPE (`qk_norm`: per
   head or over the whole projection), and how RoPE frequencies are scaled (`rope_scaling`: Llama 3's band-wise
   `llama3` or `linear`). `attend` and the masks are the same for all.
+* Local and global attention (Mistral, Gemma 2/3). `sliding_window` W makes a position attend only to its W - 1
+  previous keys; `layer_types` (one entry per depth position, Hugging Face's "sliding_attention" / "full_attention")
+  says which positions are local; sliding positions of Gemma 3 also rotate with their own RoPE base
+  (`rope_local_theta`). The kind belongs to the depth position, not to the shared layer: when the kinds differ
+  between positions, `Decoder.weights()` adds the per-position flag `relax/local` [L] (a constant, not a
+  parameter) that the scan hands to each position like its LoRA factors, so a shared layer used at a local and at
+  a global position attends locally at the one and globally at the other, and a full-rank relaxed model still
+  reproduces the original. When every position has the same kind the flag is static (no `relax/local`).
+* Gemma 2/3 also soft-cap attention logits (`attn_soft_cap`) and the final logits (`final_soft_cap`): c tanh(x / c),
+  scale queries by 1 / sqrt(query_pre_attn_scalar) (`query_scalar`), and norm both the input and the output of
+  each sub-block (`norm_position="sandwich"`: x + post_norm(f(norm x)), norms `attn_norm`, `attn_post_norm`,
+  `mlp_norm`, `mlp_post_norm`).
 """
 
 import dataclasses
@@ -51,7 +63,10 @@ ATTN_PROJECTIONS = ("q", "k", "v", "o")
 REMAT_POLICIES = ("none", "full", "dots")
 QK_NORMS = ("none", "head", "proj")
 ROPE_SCALINGS = ("none", "linear", "llama3")
-NORM_POSITIONS = ("pre", "post")
+NORM_POSITIONS = ("pre", "post", "sandwich")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# Per-position constants that `Decoder.weights()` adds to the per-position arrays (not parameters).
+POSITION_CONSTANTS = ("local",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +80,16 @@ class ModelConfig:
     n_kv_heads: int
     head_dim: int
     d_ff: int
-    family: str = "llama"  # llama | gemma | neox | qwen2 | qwen3 | olmo2 (names the HF format; behaviour: switches)
+    # llama | mistral | gemma | gemma2 | gemma3 | neox | qwen2 | qwen3 | olmo2 (names the HF format; behaviour: the
+    # switches)
+    family: str = "llama"
     norm: str = "rms"  # rms | layer (LayerNorm with bias)
     norm_eps: float = 1e-5
     norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w): offset 1
     act: str = "silu"  # silu | gelu_tanh | gelu
     gated_mlp: bool = True  # SwiGLU/GeGLU: down(act(gate x) * up x); else down(act(up x))
     parallel_residual: bool = False  # NeoX: x + attn(ln1 x) + mlp(ln2 x)
-    norm_position: str = "pre"  # pre: x + f(norm x); post (OLMo 2): x + norm(f(x))
+    norm_position: str = "pre"  # pre: x + f(norm x); post (OLMo 2): x + norm(f(x)); sandwich (Gemma 2/3): both
     qk_norm: str = "none"  # RMSNorm of q and k before RoPE: none | head (Qwen3, over H) | proj (OLMo 2, over N*H)
     attn_bias: bool = False  # biases on q, k, v
     o_bias: bool = False
@@ -86,6 +103,13 @@ class ModelConfig:
     rope_original_positions: int = 8192  # llama3: the pretraining context (original_max_position_embeddings)
     tie_embeddings: bool = True
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(D)
+    # Local attention, soft caps, query scale (Mistral, Gemma 2/3; see the module notes).
+    sliding_window: int = 0  # W > 0: local positions see themselves and the W - 1 keys before them
+    layer_types: tuple[str, ...] = ()  # per depth position, of LAYER_TYPES; (): all local if sliding_window else global
+    rope_local_theta: float = 0.0  # local positions' RoPE base (unscaled; Gemma 3); 0: the same RoPE as global ones
+    attn_soft_cap: float = 0.0  # attention logits -> c tanh(logits / c) (Gemma 2); 0: none
+    final_soft_cap: float = 0.0  # output logits -> c tanh(logits / c) (Gemma 2); 0: none
+    query_scalar: float = 0.0  # attention scale 1 / sqrt(query_scalar) (Gemma's query_pre_attn_scalar); 0: head_dim
     # Recursion.
     n_loops: int = 1  # R; K = n_layers / n_loops shared layers
     strategy: str = "cycle"  # cycle: position l uses layer l mod K; sequence: layer floor(l / R)
@@ -104,6 +128,8 @@ class ModelConfig:
     def __post_init__(self):
         def bad(msg):
             raise ValueError(f"ModelConfig: {msg}")
+
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))  # from_dict of JSON gives a list
 
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "n_loops"):
             if getattr(self, name) <= 0:
@@ -133,6 +159,17 @@ class ModelConfig:
             bad("norm_position='post' with parallel_residual is not a model anyone ships")
         if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
             bad(f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed rope_low_freq_factor")
+        if self.layer_types and len(self.layer_types) != self.n_layers:
+            bad(f"layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}")
+        if set(self.layer_types) - set(LAYER_TYPES):
+            bad(f"unknown layer_types {sorted(set(self.layer_types) - set(LAYER_TYPES))}; expected of {LAYER_TYPES}")
+        if self.sliding_window < 0 or ("sliding_attention" in self.layer_types and not self.sliding_window):
+            bad(f"sliding_window={self.sliding_window}: sliding_attention positions need a positive window")
+        if self.norm_position == "sandwich" and (self.norm != "rms" or self.parallel_residual):
+            bad("norm_position='sandwich' is Gemma 2/3's: RMSNorm, sequential residual")
+        for name in ("rope_local_theta", "attn_soft_cap", "final_soft_cap", "query_scalar"):
+            if getattr(self, name) < 0:
+                bad(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.rotary_pct <= 1:
             bad(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")
         for name, rank, dims in (
@@ -156,6 +193,22 @@ class ModelConfig:
     @property
     def relaxed(self) -> bool:
         return self.rank_attn > 0 or self.rank_mlp > 0
+
+    def local_positions(self) -> np.ndarray:
+        """[L] bool: whether depth position l attends locally (within `sliding_window`)."""
+        if not self.layer_types:
+            return np.full(self.n_layers, self.sliding_window > 0)
+        return np.array([t == "sliding_attention" for t in self.layer_types])
+
+    @property
+    def mixed_attention(self) -> bool:
+        """Whether local and global positions alternate (then the kind is a per-position array `relax/local`)."""
+        return len(set(self.local_positions().tolist())) > 1
+
+    @property
+    def attn_scale(self) -> float | None:
+        """The attention logit scale; None: 1 / sqrt(head_dim)."""
+        return self.query_scalar**-0.5 if self.query_scalar else None
 
     def attn_dims(self) -> list[tuple[int, int]]:
         d, nh, gh = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -195,6 +248,8 @@ class ModelConfig:
 
     def norm_names(self) -> list[str]:
         names = ["attn_norm", "mlp_norm"]
+        if self.norm_position == "sandwich":
+            names = ["attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm"]
         names = names + [n + "_bias" for n in names] if self.norm == "layer" else names
         return names + (["q_norm", "k_norm"] if self.qk_norm != "none" else [])
 
@@ -215,6 +270,9 @@ class ModelConfig:
         return cls(**d)
 
 
+NORMS = ("attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm", "q_norm", "k_norm")
+
+
 # Logical axes of every parameter (leading stack axis included); sharding.py maps them onto the mesh.
 def param_axes(name: str) -> tuple[str | None, ...]:
     """Logical axis names of a flat parameter name (see the module docstring)."""
@@ -229,7 +287,7 @@ def param_axes(name: str) -> tuple[str | None, ...]:
     base = leaf.removesuffix("_a").removesuffix("_b").removesuffix("_bias")
     out_axis = {"q": "heads", "k": "kv", "v": "kv", "o": "embed", "gate": "mlp", "up": "mlp", "down": "embed"}
     in_axis = {"o": "heads", "down": "mlp"}
-    if base in ("attn_norm", "mlp_norm", "q_norm", "k_norm"):
+    if base in NORMS:
         return (stack, "norm")
     if leaf.endswith("_bias"):
         return (stack, out_axis[base])
@@ -299,10 +357,11 @@ class Decoder(nnx.Module):
         return out[0] if len(out) == 1 else out
 
     def weights(self) -> dict[str, dict[str, jax.Array]]:
-        """The shared (`layers`) and per-position (`relax`) arrays as plain dicts."""
+        """The shared (`layers`) and per-position (`relax`) arrays as plain dicts; `relax` also holds the
+        per-position constants (`position_constants`), which are not parameters."""
         return {
             "layers": {k: v[...] for k, v in self.layers.items()},
-            "relax": {k: v[...] for k, v in self.relax.items()},
+            "relax": {**{k: v[...] for k, v in self.relax.items()}, **position_constants(self.cfg)},
         }
 
     def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
@@ -320,7 +379,10 @@ class Decoder(nnx.Module):
         """Final norm and head; float32 logits."""
         h = self.final_norm_of(x_BxTxD)
         head = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
-        return jnp.einsum("...d,dv->...v", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+        return soft_cap(
+            jnp.einsum("...d,dv->...v", h, head.astype(h.dtype), preferred_element_type=jnp.float32),
+            self.cfg.final_soft_cap,
+        )
 
     def logits_rows(self, x_NxD: jax.Array) -> jax.Array:
         """`logits` of a few rows [N, D] (decoding), computed as [V, N] and transposed after a barrier. Same values;
@@ -332,11 +394,34 @@ class Decoder(nnx.Module):
         else:
             w, spec = self.head[...], "dv,nd->vn"
         y_VxN = jnp.einsum(spec, w.astype(h_NxD.dtype), h_NxD, preferred_element_type=jnp.float32)
-        return jax.lax.optimization_barrier(y_VxN).T
+        return jax.lax.optimization_barrier(soft_cap(y_VxN, self.cfg.final_soft_cap)).T
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pure functions on arrays: the block, and the looped stack.
+
+
+def position_constants(cfg: ModelConfig) -> dict[str, jax.Array]:
+    """The per-position constants [L] that travel with the per-position weights: `local` when local and global
+    positions alternate (else the kind is static: `block` reads `cfg`)."""
+    return {"local": jnp.asarray(cfg.local_positions())} if cfg.mixed_attention else {}
+
+
+def soft_cap(x: jax.Array, cap: float) -> jax.Array:
+    """c tanh(x / c) (Gemma 2's soft capping); x itself when cap is 0."""
+    return cap * jnp.tanh(x / cap) if cap else x
+
+
+def is_local(cfg: ModelConfig, w: dict):
+    """Whether the position of weights `w` attends locally: a Python bool when every position has the same kind,
+    else the traced per-position flag `w["local"]` (a scalar, or [B] per example in depth-wise batching)."""
+    return w["local"] if "local" in w else bool(cfg.local_positions()[0])
+
+
+def _per_row(flag, ndim: int):
+    """A scalar or [B] flag, shaped to broadcast against a [B, ...] array of `ndim` axes."""
+    flag = jnp.asarray(flag)
+    return flag.reshape(flag.shape + (1,) * (ndim - flag.ndim))
 
 
 def norm(cfg: ModelConfig, x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
@@ -362,11 +447,14 @@ def _act(cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=cfg.act == "gelu_tanh")
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """[rotary_dim / 2] float32 inverse frequencies, scaled as `rope_scaling` says. Computed in float32 with
-    transformers' expressions (modeling_rope_utils), so both sides round alike."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """[rotary_dim / 2] float32 inverse frequencies, scaled as `rope_scaling` says (local positions with their own
+    base `rope_local_theta`: unscaled). Computed in float32 with transformers' expressions (modeling_rope_utils), so
+    both sides round alike."""
     rd = cfg.rotary_dim
     exponent = np.arange(0, rd, 2).astype(np.float32) / np.float32(rd)
+    if local and cfg.rope_local_theta:
+        return (1.0 / np.float32(cfg.rope_local_theta) ** exponent).astype(np.float32)
     inv_freq = (1.0 / np.float32(cfg.rope_theta) ** exponent).astype(np.float32)
     if cfg.rope_scaling == "linear":
         return (inv_freq / np.float32(cfg.rope_factor)).astype(np.float32)
@@ -385,11 +473,15 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv_freq
 
 
-def rope(cfg: ModelConfig, x_BxTxNxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
-    """Rotary embedding in the Hugging Face (rotate-half) layout on the first `rotary_dim` dims of each head."""
+def rope(cfg: ModelConfig, x_BxTxNxH: jax.Array, positions_BxT: jax.Array, local=False) -> jax.Array:
+    """Rotary embedding in the Hugging Face (rotate-half) layout on the first `rotary_dim` dims of each head.
+    `local` (see `is_local`) picks the local positions' base where it has its own (`rope_local_theta`)."""
     rd = cfg.rotary_dim
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rd/2]
+    pos_BxTx1 = positions_BxT.astype(jnp.float32)[..., None]
+    freqs = pos_BxTx1 * jnp.asarray(rope_inv_freq(cfg))  # [B, T, rd/2]
+    if cfg.rope_local_theta and local is not False:
+        local_freqs = pos_BxTx1 * jnp.asarray(rope_inv_freq(cfg, local=True))
+        freqs = local_freqs if local is True else jnp.where(_per_row(local, 3), local_freqs, freqs)
     cos, sin = jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
     x_rot, x_pass = x_BxTxNxH[..., :rd].astype(jnp.float32), x_BxTxNxH[..., rd:]
     x1, x2 = x_rot[..., : rd // 2], x_rot[..., rd // 2 :]
@@ -429,7 +521,8 @@ def attn_input(cfg: ModelConfig, w: dict, x_BxTxD: jax.Array) -> jax.Array:
 
 def heads(cfg: ModelConfig, w: dict, name: str, h_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
     """q, k or v [B, T, N or G, H] of the attention input h: projected, qk-normed (q, k; OLMo 2 over the whole
-    projection, Qwen3 per head), split into heads, rotated (q, k)."""
+    projection, Qwen3 and Gemma 3 per head), split into heads, rotated (q, k; with the local base at local
+    positions)."""
     b, t, _ = h_BxTxD.shape
     y_BxTxF = projection(cfg, w, name)(h_BxTxD)
     rotated = name in ("q", "k")
@@ -438,7 +531,7 @@ def heads(cfg: ModelConfig, w: dict, name: str, h_BxTxD: jax.Array, positions_Bx
     y = y_BxTxF.reshape(b, t, -1, cfg.head_dim)
     if rotated and cfg.qk_norm == "head":
         y = norm(cfg, y, w[name + "_norm"])
-    return rope(cfg, y, positions_BxT) if rotated else y
+    return rope(cfg, y, positions_BxT, is_local(cfg, w)) if rotated else y
 
 
 def block(
@@ -463,18 +556,36 @@ def block(
     def proj(name):
         return projection(cfg, w, name)
 
+    local = is_local(cfg, w)
+    window = cfg.sliding_window if cfg.sliding_window and local is not False else None
+    attn_kw = dict(scale=cfg.attn_scale, soft_cap=cfg.attn_soft_cap or None)
+
     def attention(h):
         taps["attn_in"] = h
         q, k, v = (heads(cfg, w, name, h, positions_BxT) for name in "qkv")
         if cache is None:  # cfg.attention's kernel; splash/cudnn mask by index (rrt/attention.py, "Masks")
-            out = attention_lib.self_attention(q, k, v, positions_BxT, segment_ids_BxT, kind=cfg.attention)
+            out = attention_lib.self_attention(
+                q,
+                k,
+                v,
+                positions_BxT,
+                segment_ids_BxT,
+                kind=cfg.attention,
+                sliding_window=window,
+                local=None if local is True else local,
+                **attn_kw,
+            )
             new_cache = None
         else:  # key slot s holds absolute position s; rows may be at different positions
             start = positions_BxT[:, 0]
             new_cache = {"k": _write_cache(cache["k"], k, start), "v": _write_cache(cache["v"], v, start)}
             k, v = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
-            mask = jnp.arange(k.shape[1])[None, None, :] <= positions_BxT[:, :, None]
-            out = attention_lib.attend(q, k, v, mask)
+            slot_1x1xS, pos_BxTx1 = jnp.arange(k.shape[1])[None, None, :], positions_BxT[:, :, None]
+            mask = slot_1x1xS <= pos_BxTx1
+            if window is not None:  # local positions: only the window's keys (per row in depth-wise batching)
+                near = pos_BxTx1 - slot_1x1xS < window
+                mask &= near if local is True else near | ~_per_row(local, 3)
+            out = attention_lib.attend(q, k, v, mask, **attn_kw)
         out = out.reshape(b, t, cfg.n_heads * cfg.head_dim)
         taps["o_in"] = out
         return proj("o")(out), new_cache
@@ -487,7 +598,10 @@ def block(
         return proj("down")(hidden)
 
     attn_out, new_cache = attention(attn_input(cfg, w, x_BxTxD))
-    if cfg.norm_position == "post":  # OLMo 2: each sub-block's output is normed before the residual add
+    if cfg.norm_position == "sandwich":  # Gemma 2/3: normed input and normed output
+        x_BxTxD = x_BxTxD + norm(cfg, attn_out, w["attn_post_norm"])
+        x_BxTxD = x_BxTxD + norm(cfg, mlp(norm(cfg, x_BxTxD, w["mlp_norm"])), w["mlp_post_norm"])
+    elif cfg.norm_position == "post":  # OLMo 2: each sub-block's output is normed before the residual add
         x_BxTxD = x_BxTxD + norm(cfg, attn_out, w["attn_norm"], w.get("attn_norm_bias"))
         x_BxTxD = x_BxTxD + norm(cfg, mlp(x_BxTxD), w["mlp_norm"], w.get("mlp_norm_bias"))
     elif cfg.parallel_residual:

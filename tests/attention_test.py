@@ -115,6 +115,21 @@ def test_splash_equals_xla_forward_and_gradients(n, g, dtype, window, cap):
         assert rel(gs, gx) < tol, name
 
 
+@pytest.mark.parametrize("kind", ["xla", "splash"])
+def test_traced_local_flag_picks_the_window(kind):
+    """Models whose local and global layers alternate pass the kind as a traced flag (one compiled block serves
+    both): the window applies exactly where it is true (splash: `lax.cond` between its two static masks)."""
+    pos, seg = packed_rows()
+    q, k, v = qkv(4, 2)
+    fn = jax.jit(
+        lambda q, k, v, local: attention.self_attention(
+            q, k, v, pos, seg, kind=kind, sliding_window=16, soft_cap=4.0, local=local
+        )
+    )
+    for local, window in ((True, 16), (False, None)):
+        assert rel(fn(q, k, v, jnp.asarray(local)), numpy_reference(q, k, v, pos, seg, window, 4.0)) < 1e-5
+
+
 @pytest.mark.parametrize("window", [None, 8])
 @pytest.mark.parametrize("n,g", HEADS)
 def test_cudnn_arguments_keep_packed_documents_apart(n, g, window):
@@ -159,13 +174,33 @@ TINY = model_lib.ModelConfig(
 
 
 # sequence runs the same kernels with other layer ids: slow, to keep this file's default run under ~90 s
-@pytest.mark.parametrize("strategy", ["cycle", pytest.param("sequence", marks=pytest.mark.slow)])
-def test_model_splash_equals_xla(strategy):
+# Gemma 3's switches: local and global positions alternate within each shared layer's loops (a traced flag).
+GEMMA3 = dict(
+    norm_position="sandwich",
+    qk_norm="head",
+    layer_types=("sliding_attention", "full_attention", "full_attention", "sliding_attention"),
+    sliding_window=16,
+    rope_local_theta=500.0,
+    attn_soft_cap=5.0,
+    query_scalar=12.0,
+)
+
+
+@pytest.mark.parametrize(
+    "strategy, switches",
+    [
+        ("cycle", {}),
+        pytest.param("sequence", {}, marks=pytest.mark.slow),
+        pytest.param("cycle", GEMMA3, marks=pytest.mark.slow),
+    ],
+    ids=["cycle", "sequence", "cycle-gemma3"],
+)
+def test_model_splash_equals_xla(strategy, switches):
     pos, seg = packed_rows()
     tokens = np.random.default_rng(1).integers(0, TINY.vocab_size, (B, T))
     out = {}
     for kind in ("xla", "splash"):
-        cfg = dataclasses.replace(TINY, strategy=strategy, attention=kind)
+        cfg = dataclasses.replace(TINY, strategy=strategy, attention=kind, **switches)
         graphdef, params = nnx.split(model_lib.Decoder(cfg, rngs=nnx.Rngs(0)))
         params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)  # LoRA B != 0
 

@@ -175,8 +175,8 @@ def test_refuses_a_nonempty_out_and_an_unknown_family(tmp_path):
     assert "config.json" in os.listdir(empty)
 
     cfg, _ = rrt_dir.load(source)
-    with pytest.raises(ValueError, match="family 'mistral'"):
-        hf_export.model_type(model_lib.ModelConfig(**{**cfg.to_dict(), "family": "mistral"}))
+    with pytest.raises(ValueError, match="family 'phi3'"):
+        hf_export.model_type(model_lib.ModelConfig(**{**cfg.to_dict(), "family": "phi3"}))
     full_cfg, _ = convert.expand(cfg, rrt_dir.load(source)[1])
     with pytest.raises(ValueError, match="norm_offset"):  # a switch a Llama config.json cannot express
         hf_export.hf_config(model_lib.ModelConfig(**{**full_cfg.to_dict(), "norm_offset": 1.0}))

@@ -181,10 +181,10 @@ def test_error_unknown_architecture(tiny_dir, tmp_path):
     rewrite(tiny_dir, tmp_path, lambda t: t)
     with open(tmp_path / "config.json") as f:
         config = json.load(f)
-    config.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    config.update(model_type="phi3", architectures=["Phi3ForCausalLM"])
     with open(tmp_path / "config.json", "w") as f:
         json.dump(config, f)
-    with pytest.raises(ValueError, match="mistral"):
+    with pytest.raises(ValueError, match="phi3"):
         formats.load(str(tmp_path))
 
 

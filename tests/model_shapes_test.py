@@ -91,6 +91,12 @@ MODELS = {
     "llama-3.2-1b": (archs.LLAMA_3_2_1B, archs.PUBLISHED_PARAMS["llama_3_2_1b"]),
     "qwen2.5-0.5b": (archs.QWEN2_5_0_5B, archs.PUBLISHED_PARAMS["qwen2_5_0_5b"]),
     "qwen3-0.6b": (archs.QWEN3_0_6B, archs.PUBLISHED_PARAMS["qwen3_0_6b"]),
+    # Gemma-2-2B: embed 256000 * 2304, per layer q and o 2304 * 2048, k and v 2304 * 1024, MLP 3 * 2304 * 9216, four
+    # norms 4 * 2304; 26 layers; final norm 2304: 2,614,341,888. Gemma-3-1B: embed 262144 * 1152, per layer q and o
+    # 1152 * 1024, k and v 1152 * 256, MLP 3 * 1152 * 6912, norms 4 * 1152 + q/k-norm 2 * 256; 26 layers; final norm
+    # 1152: 999,885,952.
+    "gemma-2-2b": (archs.GEMMA_2_2B, archs.PUBLISHED_PARAMS["gemma_2_2b"]),
+    "gemma-3-1b": (archs.GEMMA_3_1B, archs.PUBLISHED_PARAMS["gemma_3_1b"]),
 }
 
 
@@ -116,6 +122,21 @@ def test_family_switches():
     assert (llama3.rope_theta, llama3.tie_embeddings) == (500000.0, True)
     assert (qwen2.attn_bias, qwen2.o_bias, qwen2.head_dim, qwen2.qk_norm) == (True, False, 64, "none")
     assert (qwen3.attn_bias, qwen3.qk_norm, qwen3.head_dim, qwen3.norm_dim("q_norm")) == (False, "head", 128, 128)
+    gemma2, gemma3 = (hf.config_from_hf(c) for c in (archs.GEMMA_2_2B, archs.GEMMA_3_1B))
+    assert (gemma2.attn_soft_cap, gemma2.final_soft_cap, gemma2.query_scalar, gemma2.sliding_window) == (
+        50,
+        30,
+        256,
+        4096,
+    )
+    assert gemma2.local_positions().tolist() == [i % 2 == 0 for i in range(26)] and gemma2.norm_position == "sandwich"
+    assert (gemma3.rope_theta, gemma3.rope_local_theta, gemma3.sliding_window, gemma3.qk_norm) == (
+        1e6,
+        1e4,
+        512,
+        "head",
+    )
+    assert gemma3.local_positions().tolist() == [i % 6 != 5 for i in range(26)] and not gemma3.attn_soft_cap
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -185,8 +185,8 @@ def run_loop(cfg: model_lib.ModelConfig, weights: dict, x_BxD, loop, positions_B
         elif grouped:
             w = {**model_lib.shared_layer(shared, k), "lora_group": group_BxR}
             for n, v in weights["relax"].items():
-                if n in vectors:  # per row: norms [B, D], projection biases [B, 1, O]
-                    w[n] = v[l] if n in cfg.norm_names() else v[l][:, None]
+                if n in vectors or n in model_lib.POSITION_CONSTANTS:  # per row: norms [B, D], the kind [B],
+                    w[n] = v[l][:, None] if n in cfg.bias_names() else v[l]  # projection biases [B, 1, O]
                 else:  # LoRA factors of position k in every loop: [R, ...]
                     w[n] = jax.lax.dynamic_index_in_dim(v.reshape((r_count, k_count) + v.shape[1:]), k, 1, False)
         else:

@@ -1,8 +1,10 @@
 """Hugging Face checkpoints (config.json + safetensors) -> ModelConfig and flat rrt parameters.
 
-Families: Llama (TinyLlama, SmolLM2, Llama 3.x with its `llama3` RoPE scaling), Qwen2 / Qwen2.5, Qwen3, OLMo 2,
-Gemma v1 and GPT-NeoX (Pythia). A config.json field that would change the function and that rrt does not implement
-(a sliding window, another RoPE scaling) is an error naming it, never ignored. The reader streams: it preallocates the
+Families: Llama (TinyLlama, SmolLM2, Llama 3.x with its `llama3` RoPE scaling), Mistral (sliding window), Qwen2 /
+Qwen2.5, Qwen3, OLMo 2, Gemma 1, Gemma 2 (soft caps, alternating local/global layers, sandwich norms), Gemma 3 text
+(`Gemma3ForCausalLM`: qk-norm, 5:1 local/global with two RoPE bases) and GPT-NeoX (Pythia). A config.json field that
+would change the function and that rrt does not implement (a Qwen sliding window, another RoPE scaling) is an error
+naming it, never ignored. The reader streams: it preallocates the
 stacked [L, ...] arrays of `rrt.model.param_shapes(cfg)` and fills them one tensor at a time, so peak memory is about
 one copy of the model. Tensors are read zero-copy from a memory map at the offsets in the safetensors header
 (`safe_open` first validates the file); this also reads bfloat16, which safetensors' numpy backend cannot.
@@ -34,7 +36,13 @@ FAMILIES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
+# model_type -> ModelConfig.family, where they differ.
+FAMILY_OF = {"gpt_neox": "neox", "gemma3_text": "gemma3"}
+GEMMAS = ("gemma", "gemma2", "gemma3_text")
 # RoPE types (config.json's rope_type) -> ModelConfig.rope_scaling.
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
 # Non-parameter buffers some checkpoints carry: rotary caches and NeoX's causal-mask constants.
@@ -82,7 +90,7 @@ def _rope(hf: dict, default_pct: float) -> dict:
     `rope_theta` it lacks comes from the top level, else 10000; llama3's `original_max_position_embeddings` comes
     from the top level if there, else from the dict, else `max_position_embeddings`."""
     rp = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-    if "full_attention" in rp:  # per-layer-type nesting; these families have one type
+    if "full_attention" in rp:  # per-layer-type nesting: the global layers' (Gemma 3's local ones: `_local_rope`)
         rp = dict(rp["full_attention"])
     kind = rp.get("rope_type", rp.get("type", "default"))
     if kind not in ROPE_TYPES:
@@ -109,6 +117,29 @@ def _rope(hf: dict, default_pct: float) -> dict:
     return out
 
 
+def _local_rope(hf: dict) -> float:
+    """Gemma 3's local layers' RoPE base: `rope_parameters["sliding_attention"]` (transformers 5), else the legacy
+    `rope_local_base_freq`, else 10000 (Gemma3TextConfig's default); only the default (unscaled) type."""
+    rp = hf.get("rope_parameters") or {}
+    local = dict(rp.get("sliding_attention") or {}) if "full_attention" in rp else {}
+    kind = local.get("rope_type", local.get("type", "default"))
+    if kind != "default":
+        raise ValueError(
+            f"config.json: rope type {kind!r} for sliding_attention layers (rope_parameters) is not supported"
+        )
+    return float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
+
+
+def _layer_types(hf: dict, family: str) -> tuple[str, ...]:
+    """Gemma 2/3's per-layer attention kinds: `layer_types`, else the configs' defaults (Gemma 2: local, global,
+    ...; Gemma 3: `sliding_window_pattern` - 1 local layers, then a global one)."""
+    if hf.get("layer_types"):
+        return tuple(hf["layer_types"])
+    pattern = 2 if family == "gemma2" else hf.get("sliding_window_pattern") or 6
+    kinds = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(hf["num_hidden_layers"])]
+    return tuple(kinds)
+
+
 def _refuse_unimplemented(hf: dict, family: str) -> None:
     """Fields that would change the function and that rrt does not implement: errors naming them."""
     if hf.get("use_bidirectional_attention"):
@@ -116,12 +147,12 @@ def _refuse_unimplemented(hf: dict, family: str) -> None:
     if hf.get("use_sliding_window"):
         raise ValueError(f"config.json: use_sliding_window=true is not supported (a {family} with sliding windows)")
     other = sorted({t for t in hf.get("layer_types") or () if t != "full_attention"})
-    if other:
-        raise ValueError(f"config.json: layer_types {other} are not supported (only full_attention)")
+    if family not in ("gemma2", "gemma3_text") and other:  # MistralForCausalLM ignores layer_types: refuse them
+        raise ValueError(f"config.json: layer_types {other} are not supported for {family} (only full_attention)")
 
 
 def _act(hf: dict, family: str) -> str:
-    name = hf.get("hidden_activation") or hf.get("hidden_act", {"gemma": "gelu_pytorch_tanh"}.get(family, "silu"))
+    name = hf.get("hidden_activation") or hf.get("hidden_act", "gelu_pytorch_tanh" if family in GEMMAS else "silu")
     if family == "gemma" and name == "gelu":  # legacy Gemma configs; transformers maps it to the tanh form
         name = "gelu_pytorch_tanh"
     if name not in ACTIVATIONS:
@@ -169,7 +200,7 @@ def config_from_hf(hf: dict, where: str = CONFIG) -> model.ModelConfig:
             **_rope(hf, 0.25),
             tie_embeddings=hf.get("tie_word_embeddings", False),
         )
-    gemma = family == "gemma"
+    gemma = family in GEMMAS
     bias = hf.get("attention_bias", False)
     # mlp_bias is a LlamaConfig field only; the other families' MLPs have no biases.
     switches = dict(attn_bias=bias, o_bias=bias, mlp_bias=hf.get("mlp_bias", False) if family == "llama" else False)
@@ -179,14 +210,31 @@ def config_from_hf(hf: dict, where: str = CONFIG) -> model.ModelConfig:
         switches["qk_norm"] = "head"
     if family == "olmo2":
         switches.update(qk_norm="proj", norm_position="post")
-    head_dim = hf.get("head_dim") or {"gemma": 256, "qwen3": 128}.get(family, d // n)  # the config classes' defaults
+    if family == "mistral":  # every layer local (None: none)
+        switches["sliding_window"] = hf.get("sliding_window") or 0
+    if family in ("gemma2", "gemma3_text"):
+        g2 = family == "gemma2"  # the config classes' defaults: Gemma 2 soft-caps, Gemma 3 does not
+        switches.update(
+            norm_position="sandwich",
+            layer_types=_layer_types(hf, family),
+            sliding_window=hf.get("sliding_window", 4096) or 0,
+            query_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+            attn_soft_cap=float(hf.get("attn_logit_softcapping", 50.0 if g2 else None) or 0.0),
+            final_soft_cap=float(hf.get("final_logit_softcapping", 30.0 if g2 else None) or 0.0),
+        )
+    rope = _rope(hf, 1.0)
+    if family == "gemma3_text":
+        switches.update(qk_norm="head", rope_local_theta=_local_rope(hf))
+        if not (hf.get("rope_parameters") or {}).get("full_attention", {}).get("rope_theta", hf.get("rope_theta")):
+            rope["rope_theta"] = 1_000_000.0  # Gemma3TextConfig's default global base
+    head_dim = hf.get("head_dim") or (256 if gemma else 128 if family == "qwen3" else d // n)  # the classes' defaults
     return model.ModelConfig(
         **common,
         **switches,
-        **_rope(hf, 1.0),
+        **rope,
         n_kv_heads=hf.get("num_key_value_heads") or n,
         head_dim=head_dim,
-        family=family,
+        family=FAMILY_OF.get(family, family),
         norm_eps=hf.get("rms_norm_eps", 1e-5 if family == "olmo2" else 1e-6),
         norm_offset=1.0 if gemma else 0.0,
         tie_embeddings=hf.get("tie_word_embeddings", gemma),
@@ -201,7 +249,14 @@ def layer_names(cfg: model.ModelConfig) -> tuple[dict[str, str], dict[str, str]]
         projs = {"o": "attention.dense", "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}
     else:
         projs = {p: f"self_attn.{p}_proj" for p in "qkvo"} | {p: f"mlp.{p}_proj" for p in ("gate", "up", "down")}
-    if cfg.norm_position == "post":  # OLMo 2: the norms sit on the sub-blocks' outputs
+    if cfg.norm_position == "sandwich":  # Gemma 2/3: before and after each sub-block
+        norms = {
+            "attn_norm": "input_layernorm",
+            "attn_post_norm": "post_attention_layernorm",
+            "mlp_norm": "pre_feedforward_layernorm",
+            "mlp_post_norm": "post_feedforward_layernorm",
+        }
+    elif cfg.norm_position == "post":  # OLMo 2: the norms sit on the sub-blocks' outputs
         norms = {"attn_norm": "post_attention_layernorm", "mlp_norm": "post_feedforward_layernorm"}
     else:
         norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}

@@ -40,6 +40,9 @@ MODEL_TYPES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "olmo2": "olmo2",
+    "mistral": "mistral",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
 }
 # Our activation -> the transformers ACT2FN name the loader maps back to it.
 HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
@@ -53,6 +56,8 @@ DROPPED = (
     "transformers_version",
     "rope_scaling",
     "original_max_position_embeddings",
+    "sliding_window_pattern",  # Gemma 2/3: `layer_types` is written
+    "rope_local_base_freq",  # Gemma 3: rope_parameters["sliding_attention"] is written
 )
 DEFAULT_POSITIONS = 2048  # when nothing in the lineage declares a context length (LlamaConfig's default)
 
@@ -120,8 +125,18 @@ def hf_config(
             rms_norm_eps=cfg.norm_eps,
             attention_bias=cfg.attn_bias,
         )
-        if kind == "gemma":
+        if kind in hf.GEMMAS:
             out["hidden_activation"] = HF_ACTIVATIONS[cfg.act]
+        if kind in ("gemma2", "gemma3_text"):
+            out.update(
+                layer_types=list(cfg.layer_types) or ["full_attention"] * cfg.n_layers,
+                sliding_window=cfg.sliding_window or None,
+                query_pre_attn_scalar=_int_if_whole(cfg.query_scalar or cfg.head_dim),  # an int field
+                attn_logit_softcapping=cfg.attn_soft_cap or None,
+                final_logit_softcapping=cfg.final_soft_cap or None,
+            )
+        elif kind == "mistral":
+            out["sliding_window"] = cfg.sliding_window or None
         elif kind == "llama":
             out["mlp_bias"] = cfg.mlp_bias
         elif kind == "qwen2":  # q, k, v biases are built in
@@ -129,11 +144,18 @@ def hf_config(
         if kind in ("qwen2", "qwen3"):
             out["use_sliding_window"] = False
     out["rope_parameters"] = rope
+    if kind == "gemma3_text":  # per layer type; local layers unscaled with their own base
+        local = {"rope_type": "default", "rope_theta": float(cfg.rope_local_theta or cfg.rope_theta)}
+        out["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
     for kind_, i in (("bos", bos_id), ("eos", eos_id)):
         if i is not None:
             out[f"{kind_}_token_id"] = int(i)
     _check_round_trip(cfg, out)
     return dict(sorted(out.items()))
+
+
+def _int_if_whole(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
 
 
 def _check_round_trip(cfg: model.ModelConfig, written: dict) -> None:
