@@ -364,6 +364,7 @@ class Decoder(nnx.Module):
             "relax": {**{k: v[...] for k, v in self.relax.items()}, **position_constants(self.cfg)},
         }
 
+    @jax.named_scope("embed")  # the profile's part names (rrt/benchmarks/profile.py): embed, norm, qkv, ...
     def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
         dtype = jnp.dtype(self.cfg.dtype)
         x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dtype)
@@ -379,10 +380,10 @@ class Decoder(nnx.Module):
         """Final norm and head; float32 logits."""
         h = self.final_norm_of(x_BxTxD)
         head = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
-        return soft_cap(
-            jnp.einsum("...d,dv->...v", h, head.astype(h.dtype), preferred_element_type=jnp.float32),
-            self.cfg.final_soft_cap,
-        )
+        # One 2-D dot over the flattened rows (as lora.matmul_rows: XLA:CPU's batched form transposes in backward).
+        h_NxD = h.reshape(-1, h.shape[-1])
+        y_NxV = jnp.einsum("nd,dv->nv", h_NxD, head.astype(h.dtype), preferred_element_type=jnp.float32)
+        return soft_cap(y_NxV.reshape(h.shape[:-1] + y_NxV.shape[-1:]), self.cfg.final_soft_cap)
 
     def logits_rows(self, x_NxD: jax.Array) -> jax.Array:
         """`logits` of a few rows [N, D] (decoding), computed as [V, N] and transposed after a barrier. Same values;
@@ -424,6 +425,7 @@ def _per_row(flag, ndim: int):
     return flag.reshape(flag.shape + (1,) * (ndim - flag.ndim))
 
 
+@jax.named_scope("norm")
 def norm(cfg: ModelConfig, x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     """RMSNorm (optionally Gemma's 1 + w) or LayerNorm over the last axis, computed in float32. w may be [D] or per
     example [B, D] (x [B, ..., D])."""
@@ -519,6 +521,7 @@ def attn_input(cfg: ModelConfig, w: dict, x_BxTxD: jax.Array) -> jax.Array:
     return norm(cfg, x_BxTxD, w["attn_norm"], w.get("attn_norm_bias"))
 
 
+@jax.named_scope("qkv")
 def heads(cfg: ModelConfig, w: dict, name: str, h_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
     """q, k or v [B, T, N or G, H] of the attention input h: projected, qk-normed (q, k; OLMo 2 over the whole
     projection, Qwen3 and Gemma 3 per head), split into heads, rotated (q, k; with the local base at local
@@ -564,7 +567,7 @@ def block(
         taps["attn_in"] = h
         q, k, v = (heads(cfg, w, name, h, positions_BxT) for name in "qkv")
         if cache is None:  # cfg.attention's kernel; splash/cudnn mask by index (rrt/attention.py, "Masks")
-            out = attention_lib.self_attention(
+            out = jax.named_scope("attention")(attention_lib.self_attention)(
                 q,
                 k,
                 v,
@@ -585,11 +588,13 @@ def block(
             if window is not None:  # local positions: only the window's keys (per row in depth-wise batching)
                 near = pos_BxTx1 - slot_1x1xS < window
                 mask &= near if local is True else near | ~_per_row(local, 3)
-            out = attention_lib.attend(q, k, v, mask, **attn_kw)
+            out = jax.named_scope("attention")(attention_lib.attend)(q, k, v, mask, **attn_kw)
         out = out.reshape(b, t, cfg.n_heads * cfg.head_dim)
         taps["o_in"] = out
-        return proj("o")(out), new_cache
+        with jax.named_scope("out_proj"):
+            return proj("o")(out), new_cache
 
+    @jax.named_scope("mlp")
     def mlp(h):
         taps["mlp_in"] = h
         up = proj("up")(h)

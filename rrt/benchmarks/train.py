@@ -20,8 +20,8 @@ Every measurement runs in its own process (a fresh heap: peak RSS is its own, an
 slow or kill another's). Targets (printed beside each number): MFU >= 50% of the measured peak, >= 1.3x PyTorch,
 recursive / vanilla <= 1.05, compile ratio <= 1.2, recursive memory <= vanilla. Timings are medians over --steps
 steps after one warm-up step; other load on the machine moves them: the script prints the load average before and
-after each measurement and the share of the cores other processes took during it (from /proc/stat), and warns above
-10%.
+after each measurement, the share of the cores other processes took during it and the hypervisor's steal time
+(from /proc/stat), and warns above 10%.
 """
 
 import argparse
@@ -148,32 +148,36 @@ def run_jax(cfg, b: int, t: int, steps: int) -> dict:
 
 
 class CoreWatch:
-    """What else used the cores during a measurement: the load average before and after, and the CPU seconds every
-    other process took (/proc/stat's busy time minus this process's own), as a share of the cores' wall time."""
+    """What else used the cores during a measurement: the load average before and after, the CPU seconds every
+    other process took (/proc/stat's busy time minus this process's own) and the steal time (the hypervisor giving
+    the cores to another machine), each as a share of the cores' wall time."""
 
     def __enter__(self):
-        self.load_before, self.busy, self.own, self.wall = os.getloadavg()[0], _busy_s(), _own_s(), time.time()
+        self.load_before, self.wall, self.own = os.getloadavg()[0], time.time(), _own_s()
+        self.busy, self.steal = _busy_steal_s()
         return self
 
     def __exit__(self, *exc):
-        wall = time.time() - self.wall
-        others = max(0.0, (_busy_s() - self.busy) - (_own_s() - self.own))
+        cores_s = max((time.time() - self.wall) * len(os.sched_getaffinity(0)), 1e-9)
+        busy, steal = _busy_steal_s()
         self.load_after = os.getloadavg()[0]
-        self.others_share = others / max(wall * len(os.sched_getaffinity(0)), 1e-9)
+        self.others_share = max(0.0, (busy - self.busy) - (_own_s() - self.own)) / cores_s
+        self.steal_share = (steal - self.steal) / cores_s
 
     def record(self) -> dict:
-        return {"load_before": self.load_before, "load_after": self.load_after, "others_share": self.others_share}
+        return {k: getattr(self, k) for k in ("load_before", "load_after", "others_share", "steal_share")}
 
 
-def _busy_s() -> float:
-    """Busy CPU seconds of the whole machine so far (Linux /proc/stat; 0 elsewhere)."""
+def _busy_steal_s() -> tuple[float, float]:
+    """(busy CPU seconds of this machine's processes, steal seconds) so far (Linux /proc/stat; zeros elsewhere)."""
     try:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
+            fields = [int(x) for x in f.readline().split()[1:]] + [0] * 8
     except OSError:
-        return 0.0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _, _, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 def _own_s() -> float:
@@ -383,11 +387,14 @@ def main() -> None:
     timed = measure("interleaved" + ("" if "torch" in skip else ":torch"), b, t, a.steps)
     for name, r in timed.items():  # what else ran during each timed step
         w = r["watch"]
-        busy = max(x["others_share"] for x in w)
+        busy, steal = max(x["others_share"] for x in w), max(x["steal_share"] for x in w)
         print(
             f"  {name}: load average {w[0]['load_before']:.1f} before its first timed step, {w[-1]['load_after']:.1f} "
-            f"after its last; other processes used at most {busy:.0%} of the cores during a step"
-            + (" -- WARNING: something else used the cores; rerun on a quiet machine" if busy > 0.1 else ""),
+            f"after its last; during a step other processes used at most {busy:.0%} of the cores, the hypervisor "
+            f"took (steal) at most {steal:.0%}"
+            + (
+                " -- WARNING: something else used the cores; rerun on a quiet machine" if max(busy, steal) > 0.1 else ""
+            ),
             flush=True,
         )
     v_step = median(timed["vanilla"]["step_s"])
