@@ -17,7 +17,8 @@ and the same step in Hugging Face transformers, and prints the time of each part
 
 Parts are summed over the step's threads' wall time of each op (XLA runs one thunk at a time per step here, torch one
 op at a time): the column total is close to the step time; "unaccounted" is the step time minus the traced ops
-(dispatch, waiting, Python). Output: a table per variant and, with --json, the numbers.
+(dispatch, waiting, Python). First, the MLP's three dots alone at the step's shape, XLA against torch (GFLOP/s,
+taken in turns). Output: a table per variant and, with --json, the numbers.
 """
 
 import argparse
@@ -154,6 +155,38 @@ def profile_torch(b: int, t: int, steps: int) -> dict:
     return {"parts": dict(by_kind), "step_s": float(np.median(times))}
 
 
+def matmul_rates(b: int, t: int, repeats: int = 7) -> dict:
+    """GFLOP/s of the MLP's three dots at the step's shape ([B T, D] x [D, F] forward, the input gradient, the weight
+    gradient), in XLA (jit) and in torch, taken in turns in this process: the kernels themselves, without the step."""
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    m, d, f = b * t, bench.SMOLLM2.d_model, bench.SMOLLM2.d_ff
+    rng = np.random.default_rng(0)
+    x, w, g = (rng.standard_normal(s).astype(np.float32) for s in ((m, d), (d, f), (m, f)))
+    jx, jw, jg = (jnp.asarray(a) for a in (x, w, g))
+    tx, tw, tg = (torch.from_numpy(a.copy()) for a in (x, w, g))
+    cases = {
+        "forward x W": (jax.jit(lambda x, w: x @ w), (jx, jw), lambda: tx @ tw),
+        "input grad g W^T": (jax.jit(lambda g, w: g @ w.T), (jg, jw), lambda: tg @ tw.T),
+        "weight grad x^T g": (jax.jit(lambda x, g: x.T @ g), (jx, jg), lambda: tx.T @ tg),
+    }
+    out = {}
+    for name, (jfn, args, tfn) in cases.items():
+        jax.block_until_ready(jfn(*args))
+        tfn()
+        times = {"xla": [], "torch": []}
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(jfn(*args))
+            times["xla"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            tfn()
+            times["torch"].append(time.perf_counter() - start)
+        out[name] = {k: 2 * m * d * f / float(np.median(v)) / 1e9 for k, v in times.items()}
+    return out
+
+
 def table(title: str, res: dict) -> str:
     rows = sorted(res["parts"].items(), key=lambda kv: -kv[1])
     traced = sum(v for _, v in rows)
@@ -178,6 +211,9 @@ def main() -> None:
         flush=True,
     )
     out = {}
+    rates = out["matmuls"] = matmul_rates(a.batch, a.seq)
+    for name, r in rates.items():
+        print(f"MLP dot {name:18s} ({a.batch * a.seq} rows): XLA {r['xla']:6.1f} GFLOP/s, torch {r['torch']:6.1f}")
     for name in a.variants.split(","):
         before = os.getloadavg()[0]
         if name == "torch":
