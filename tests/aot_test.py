@@ -110,6 +110,7 @@ PODS = [
     ("recursive_pythia_1b", "v4-64"),
     ("scratch_recursive_1b", "v5e-256"),
     ("recursive_tinyllama_1b", "v5e-256"),  # a GPU preset: the TPU slice its docstring measures it on
+    ("recursive_llama32_1b", "v5e-256"),
 ]
 
 
