@@ -182,6 +182,7 @@ def test_refuses_a_nonempty_out_and_an_unknown_family(tmp_path):
         hf_export.hf_config(model_lib.ModelConfig(**{**full_cfg.to_dict(), "norm_offset": 1.0}))
 
 
+@pytest.mark.slow  # default run under 20 min; the workdir path of formats.load is covered by gcs_workdir_test
 def test_export_of_a_training_workdir(tmp_path):
     """A tiny run from scratch (SmolLM2's GGUF tokenizer, no HF lineage: config.json built from nothing)."""
     import needs

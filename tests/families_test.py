@@ -268,7 +268,11 @@ SWITCHES = {
 
 @pytest.mark.parametrize(
     "switches",
-    [SWITCHES["qwen3"], pytest.param(SWITCHES["olmo2"], marks=pytest.mark.slow), SWITCHES["gemma3"]],
+    [
+        pytest.param(SWITCHES["qwen3"], marks=pytest.mark.slow),
+        pytest.param(SWITCHES["olmo2"], marks=pytest.mark.slow),
+        SWITCHES["gemma3"],
+    ],
     ids=list(SWITCHES),  # default run under 20 min
 )
 def test_decoding_with_the_new_switches(switches):

@@ -165,7 +165,9 @@ def test_untrained_exits_get_no_gradient():
     assert diff > 1e-4, "a nonzero exit weight must change the gradients"
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 5, 8])  # 2: T = 5 padded to 6; 8: one chunk longer than the row
+@pytest.mark.parametrize(
+    "chunk", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(5, marks=pytest.mark.slow), 8]
+)  # 2: T = 5 padded to 6; 8: one chunk longer than the row
 def test_chunked_losses_equal_the_full_logits_path_values_and_gradients(chunk):
     """loss.chunk_tokens: CE, KD and every exit's loss over chunks of the sequence (never [B, T, V]) equal the
     numpy reference, and the gradients equal the unchunked path's (which the test above checks against numpy)."""

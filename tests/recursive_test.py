@@ -173,8 +173,8 @@ def load(m, tmp_path):
         llama_hf,
         gemma_hf,
         neox_hf,
-        qwen3_hf,
-        olmo2_hf,
+        pytest.param(qwen3_hf, marks=pytest.mark.slow),  # qk-norm per head: also in families_test parity / export
+        pytest.param(olmo2_hf, marks=pytest.mark.slow),
         gemma2_hf,  # alternating local/global (Gemma 3's two RoPE bases: families_test's export, and here slow)
         pytest.param(gemma3_hf, marks=pytest.mark.slow),  # default run under 20 min
         pytest.param(mistral_hf, marks=pytest.mark.slow),

@@ -201,7 +201,7 @@ def _damage(step_dir: str, how: str) -> str:
     return os.path.relpath(biggest, step_dir)
 
 
-@pytest.mark.parametrize("how", ["truncated_params", "missing_item"])
+@pytest.mark.parametrize("how", [pytest.param("truncated_params", marks=pytest.mark.slow), "missing_item"])
 def test_damaged_latest_checkpoint_is_named_kept_and_the_run_resumes_from_the_previous(tmp_path, how):
     workdir = tmp_path / how
     args = ("--config.checkpoint_every=1", "--config.keep_checkpoints=100", "--config.async_checkpoint=false")
