@@ -7,6 +7,7 @@ import math
 import os
 
 import gguf as gguf_lib
+import gguf_test
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -119,9 +120,7 @@ def write_gguf(hf_model, tok: Tokenizer | None, pre: str, path: str, arch: str, 
         w.add_bos_token_id(vocab[special[0]])
         w.add_eos_token_id(vocab[special[-1 if pre == "llama-bpe" else 0]])
         w.add_add_bos_token(pre == "llama-bpe")
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v"}
-    names |= {"self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"}
-    names |= {"mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = gguf_test.GGUF_NAMES
     for name, p in hf_model.state_dict().items():
         a = p.float().numpy()
         if name == "model.embed_tokens.weight":

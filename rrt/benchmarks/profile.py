@@ -127,19 +127,9 @@ def torch_kind(name: str) -> str:
 
 def profile_torch(b: int, t: int, steps: int) -> dict:
     """{kind: seconds per step} of the transformers step (self CPU time per aten op), and the median step time."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    model, opt, ids = bench.torch_step_parts(b, t)
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step, _ = bench.torch_stepper(b, t)  # the benchmark's own transformers step
 
     step()  # warm-up
     times = []
