@@ -8,6 +8,7 @@ import os
 
 import gguf as gguf_lib
 import gguf_test
+import needs
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ MIXED = "\nIn 1984, 3 of 12345 cats ate 2.5 fish -- for $7.99! They're   here; d
 def corpus(name: str, n: int) -> str:
     path = os.path.join(DATA, name)
     if not os.path.isfile(path):
-        pytest.skip(f"{path}: missing (../shared/data)")
+        needs.missing(f"{path}: missing (../shared/data)")
     with open(path) as f:
         return f.read()[:n]
 
