@@ -8,8 +8,8 @@ import os
 
 import gguf as gguf_lib
 import gguf_test
-import needs
 import jax.numpy as jnp
+import needs
 import numpy as np
 import pytest
 import torch
