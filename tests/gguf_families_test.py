@@ -1,6 +1,7 @@
-"""GGUF files as llama.cpp writes Llama 3 (`llama` with the `llama-bpe` byte-level BPE and `rope_freqs` scaling) and
-Qwen2 (`qwen2`, q/k/v biases, unpermuted, `qwen2` pre-tokenizer): tiny random-weight transformers models and a small
-BPE trained here are written with the `gguf` package, then read by rrt and, independently, by transformers."""
+"""GGUF files as llama.cpp writes Llama 3 (`llama` with the `llama-bpe` byte-level BPE and `rope_freqs` scaling),
+Llama 2 / Mistral v0.1 (`llama` with a sentencepiece `llama` vocabulary) and Qwen2 (`qwen2`, q/k/v biases, unpermuted,
+`qwen2` pre-tokenizer): tiny random-weight transformers models and a small BPE / sentencepiece model trained here are
+written with the `gguf` package, then read by rrt and, independently, by transformers (and sentencepiece)."""
 
 import json
 import math
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import needs
 import numpy as np
 import pytest
+import sentencepiece
 import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -29,6 +31,7 @@ SPLITS = {
 }
 SPECIALS = {"llama-bpe": ["<|begin_of_text|>", "<|end_of_text|>"], "qwen2": ["<|endoftext|>", "<|im_start|>"]}
 VOCAB = 640
+SPM_VOCAB = 400
 MIXED = "\nIn 1984, 3 of 12345 cats ate 2.5 fish -- for $7.99! They're   here; don't\n\n\tgo.  "
 
 
@@ -60,6 +63,56 @@ def train_bpe(pre: str) -> Tokenizer:
     return tok
 
 
+def train_spm(path: str, text: str) -> sentencepiece.SentencePieceProcessor:
+    """A sentencepiece BPE with Llama 2's trainer settings (byte fallback, digits split, no normalization, spaces
+    kept), trained on real text."""
+    with open(path + ".txt", "w") as f:
+        f.write(text)
+    sentencepiece.SentencePieceTrainer.train(
+        input=path + ".txt",
+        model_prefix=path,
+        vocab_size=SPM_VOCAB,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
+    return sentencepiece.SentencePieceProcessor(model_file=path + ".model")
+
+
+def add_sentencepiece_vocab(w, sp, flags: bool) -> None:
+    """convert_hf_to_gguf.py's _create_vocab_sentencepiece + SpecialVocab for a Llama 2 tokenizer.model; `flags` also
+    writes add_bos_token / add_eos_token / add_space_prefix (older files have none of them)."""
+    tokens, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        kind = gguf_lib.TokenType.NORMAL
+        if sp.is_unknown(i):
+            kind = gguf_lib.TokenType.UNKNOWN
+        elif sp.is_control(i):
+            kind = gguf_lib.TokenType.CONTROL
+        elif sp.is_unused(i):
+            kind = gguf_lib.TokenType.UNUSED
+        elif sp.is_byte(i):
+            kind = gguf_lib.TokenType.BYTE
+        types.append(int(kind))
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    if flags:
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        w.add_add_space_prefix(True)
+
+
 def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     """convert_hf_to_gguf.py's LlamaModel.permute."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -89,9 +142,12 @@ def llama3_rope_factors(c) -> np.ndarray:
     return np.asarray(out, np.float32)
 
 
-def write_gguf(hf_model, tok: Tokenizer | None, pre: str, path: str, arch: str, rope_freqs=None, keys=None) -> None:
+def write_gguf(
+    hf_model, tok: Tokenizer | None, pre: str, path: str, arch: str, rope_freqs=None, keys=None, sp=None, flags=True
+) -> None:
     """A float32 GGUF of a transformers Llama / Qwen2, tensors named (and, for llama, permuted) as llama.cpp does,
-    with the tokenizer in tokenizer.ggml.* as convert_hf_to_gguf.py writes a byte-level BPE."""
+    with the tokenizer in tokenizer.ggml.* as convert_hf_to_gguf.py writes a byte-level BPE `tok` or a sentencepiece
+    model `sp`."""
     c = hf_model.config
     w = gguf_lib.GGUFWriter(path, arch)
     w.add_block_count(c.num_hidden_layers)
@@ -121,6 +177,8 @@ def write_gguf(hf_model, tok: Tokenizer | None, pre: str, path: str, arch: str, 
         w.add_bos_token_id(vocab[special[0]])
         w.add_eos_token_id(vocab[special[-1 if pre == "llama-bpe" else 0]])
         w.add_add_bos_token(pre == "llama-bpe")
+    if sp is not None:
+        add_sentencepiece_vocab(w, sp, flags)
     names = gguf_test.GGUF_NAMES
     for name, p in hf_model.state_dict().items():
         a = p.float().numpy()
@@ -271,6 +329,10 @@ def test_named_errors(bpe, tmp_path):
     write_gguf(hf_model, bpe["qwen2"], "deepseek-llm", str(tmp_path / "pre.gguf"), "llama")
     with pytest.raises(ValueError, match="pre-tokenizer 'deepseek-llm'"):
         tokenizer.load_tokenizer(str(tmp_path / "pre.gguf"))
+    # a tokenizer model other than gpt2 / llama
+    write_gguf(hf_model, None, "", str(tmp_path / "t5.gguf"), "llama", keys={"add_tokenizer_model": "t5"})
+    with pytest.raises(ValueError, match="tokenizer model 't5'"):
+        tokenizer.load_tokenizer(str(tmp_path / "t5.gguf"))
 
 
 def test_linear_rope_scaling_keys(tmp_path):
@@ -286,3 +348,91 @@ def test_linear_rope_scaling_keys(tmp_path):
     with torch.no_grad():
         ref = hf_model(torch.tensor(ids)).logits.numpy()
     assert rel_err(np.asarray(model.from_params(cfg, params)(jnp.asarray(ids))), ref) < 1e-5
+
+
+# Leading spaces, newlines, digits, characters outside the vocabulary (byte fallback) and a control token in the text.
+SPM_SAMPLES = [
+    "Once upon a time, there was a little girl named Lily.",
+    " A leading space",
+    "  Two leading spaces and   a run",
+    "\nStarts with a newline,\n\nthen a blank line\tand a tab.",
+    "In 1984, 3 of 12345 cats ate 2.5 fish for $7.99!",
+    "Café naïve – “quotes” 日本語 ☃ 🙂 Ünïcödé",
+    "She said </s> and <s>then",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def spm(tmp_path_factory):
+    return train_spm(str(tmp_path_factory.mktemp("spm") / "sp"), corpus("tinystories_val.txt", 30_000))
+
+
+@pytest.mark.parametrize("flags", [True, False], ids=["flags", "no-flags"])
+def test_llama_sentencepiece_gguf_matches_transformers(flags, spm, tmp_path):
+    """A Llama 2-style GGUF (tokenizer.ggml.model = llama): rrt's tokenizer against transformers' (built from the
+    same metadata) and the sentencepiece model itself, and logits against transformers loading the file. Without
+    the add_bos_token / add_space_prefix keys both default to true, as in llama.cpp and transformers."""
+    hf_model = tiny("llama", SPM_VOCAB, False)
+    write_gguf(hf_model, None, "", str(tmp_path / "m.gguf"), "llama", sp=spm, flags=flags)
+    cfg, params = formats.load(str(tmp_path / "m.gguf"))
+    assert (cfg.family, cfg.tie_embeddings, cfg.vocab_size) == ("llama", False, SPM_VOCAB)
+
+    ref_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    tok = tokenizer.load_tokenizer(str(tmp_path / "m.gguf"))
+    assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.add_eos, tok.vocab_size) == (1, 2, True, False, SPM_VOCAB)
+    text = corpus("tinystories_val.txt", 38_000)[30_000:] + MIXED + corpus("tinyshakespeare.txt", 3000)
+    for sample in [text, *SPM_SAMPLES]:
+        ids = tok.encode(sample)
+        assert ids == ref_tok.encode(sample, add_special_tokens=False), sample
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special_tokens=skip) == ref_tok.decode(ids, skip_special_tokens=skip), sample
+        if "<" not in sample:  # sentencepiece reads control tokens in the text as plain characters
+            if not sample.startswith(" "):
+                assert ids == spm.encode(sample) and tok.decode(ids) == sample, sample
+            else:  # the one difference: sentencepiece prepends "▁" to text starting with a space, transformers not
+                assert spm.encode(sample) != ids and spm.decode(spm.encode(sample)) == sample, sample
+                assert tok.decode(ids) == sample[1:], sample
+    assert any(spm.id_to_piece(i).startswith("<0x") for i in tok.encode(SPM_SAMPLES[5]))  # byte fallback used
+    assert tok.encode("</s>hi")[0] == 2 and tok.token_to_id("<unk>") == spm.unk_id() == 0
+    # BOS through the template processor, as transformers adds it.
+    assert tok.backend.encode("Hello").ids == ref_tok.encode("Hello") == [1, *tok.encode("Hello")]
+    ids = tok.encode(text)
+    # What rrt-export writes for it reads back in transformers as the same tokenizer.
+    tokenizer.save_hf(tok, str(tmp_path / "hf"), "llama")
+    exported = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert exported.encode(text) == [1, *ids] and exported.decode(ids) == tok.decode(ids)
+
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="m.gguf", dtype=torch.float32
+    )
+    batch = np.asarray([ids[:128], ids[128:256]])
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(batch)).logits.numpy()
+        original = hf_model(torch.tensor(batch)).logits.numpy()
+    ours = np.asarray(model.from_params(cfg, params)(jnp.asarray(batch)))
+    assert rel_err(ours, ref) < 1e-5 and rel_err(ours, original) < 1e-5
+
+
+def test_llama_sentencepiece_no_space_prefix(spm, tmp_path):
+    """add_space_prefix = false (sentencepiece's add_dummy_prefix off): no "▁" is prepended and decode strips none,
+    exactly as the sentencepiece model with that option. (transformers' GGUF loader ignores the key, so it is not the
+    reference here.)"""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(spm.serialized_model_proto())
+    proto.normalizer_spec.add_dummy_prefix = False
+    plain = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    w = gguf_lib.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    add_sentencepiece_vocab(w, spm, flags=False)
+    w.add_add_space_prefix(False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    tok = tokenizer.load_tokenizer(str(tmp_path / "t.gguf"))
+    text = corpus("tinystories_val.txt", 34_000)[30_000:]
+    for sample in [text, *SPM_SAMPLES]:
+        if "<" not in sample:
+            ids = tok.encode(sample)
+            assert ids == plain.encode(sample) and tok.decode(ids) == sample, sample

@@ -5,6 +5,14 @@
 byte-level BPE is rebuilt from `tokenizer.ggml.tokens` / `merges` with the pre-tokenizer llama.cpp names in
 `tokenizer.ggml.pre` (SmolLM2's `smollm`: single digits split off, then GPT-2's byte-level regex), as in the original
 tokenizer.json; Llama 3's `llama-bpe` and Qwen2's `qwen2` split with their regexes first, as llama.cpp does.
+A sentencepiece vocabulary (`tokenizer.ggml.model = llama`: Llama 2, TinyLlama, Mistral v0.1) becomes a `tokenizers`
+BPE the way transformers' GGUF loader builds it: merges derived from `tokenizer.ggml.scores`, byte fallback to the
+`<0xNN>` pieces, `unknown_token_id` as the unk token, "▁" prepended (Metaspace) to the first piece of text only, and
+a Replace / ByteFallback / Fuse / Strip decoder; BOS is added by a template processor when `add_bos_token` is set
+(true when absent, as in llama.cpp). Two corners: text that already starts with a space gets no extra "▁" (as in
+transformers; sentencepiece itself would prepend one, so `" hi"` decodes back as `"hi"`), and `add_space_prefix =
+false` is honoured (no "▁", nothing stripped: sentencepiece's add_dummy_prefix off, as llama.cpp reads it), where
+transformers' GGUF loader ignores the key. Any other tokenizer model is refused by name.
 `save(dir)` writes tokenizer.json (or tokenizer.model) plus `rrt_tokenizer.json` with the ids and
 flags, so a saved tokenizer reloads identically whatever its origin.
 """
@@ -159,7 +167,8 @@ def from_hf_dir(path: str) -> Tokenizer:
 
 
 def from_gguf(path: str) -> Tokenizer:
-    """The byte-level BPE described by a GGUF file's tokenizer.ggml.* metadata."""
+    """The tokenizer described by a GGUF file's tokenizer.ggml.* metadata: byte-level BPE (`gpt2`) or a
+    sentencepiece vocabulary (`llama`)."""
     from rrt.formats import gguf as gguf_reader
 
     r = gguf_reader.reader(path)
@@ -167,9 +176,42 @@ def from_gguf(path: str) -> Tokenizer:
     def get(key, default=None):
         return gguf_reader.field(r, f"tokenizer.ggml.{key}", default)
 
-    kind, pre = get("model"), get("pre", "default")
-    if kind != "gpt2":
-        raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
+    kind = get("model")
+    if kind == "gpt2":
+        return _gguf_byte_level(path, get)
+    if kind == "llama":
+        return _gguf_sentencepiece(path, get)
+    raise ValueError(
+        f"{path}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2' and sentencepiece 'llama')"
+    )
+
+
+def _gguf_added_tokens(backend: tokenizers.Tokenizer, tokens, types, special_ids=()) -> None:
+    """Control tokens (and `special_ids`) as special added tokens, user-defined ones as plain added tokens: llama.cpp
+    matches both whole in the text."""
+    special_ids = {int(i) for i in special_ids if i is not None and 0 <= int(i) < len(tokens)}
+    backend.add_special_tokens(
+        [
+            tokenizers.AddedToken(t, special=True, normalized=False)
+            for i, (t, k) in enumerate(zip(tokens, types, strict=True))
+            if k == GGUF_CONTROL or i in special_ids
+        ]
+    )
+    backend.add_tokens(
+        [
+            tokenizers.AddedToken(t, normalized=False)
+            for i, (t, k) in enumerate(zip(tokens, types, strict=True))
+            if k == GGUF_USER_DEFINED and i not in special_ids
+        ]
+    )
+
+
+def _optional_id(value) -> int | None:
+    return None if value is None else int(value)
+
+
+def _gguf_byte_level(path: str, get) -> Tokenizer:
+    pre = get("pre", "default")
     if pre not in GGUF_PRE:
         raise ValueError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported; expected one of {list(GGUF_PRE)}")
     tokens = get("tokens")
@@ -180,28 +222,67 @@ def from_gguf(path: str) -> Tokenizer:
     backend = tokenizers.Tokenizer(bpe)
     backend.pre_tokenizer = GGUF_PRE[pre]()
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(
-        [
-            tokenizers.AddedToken(t, special=True, normalized=False)
-            for t, k in zip(tokens, types, strict=True)
-            if k == GGUF_CONTROL
-        ]
-    )
-    backend.add_tokens(
-        [
-            tokenizers.AddedToken(t, normalized=False)
-            for t, k in zip(tokens, types, strict=True)
-            if k == GGUF_USER_DEFINED
-        ]
-    )
-    bos, eos = get("bos_token_id"), get("eos_token_id")
+    _gguf_added_tokens(backend, tokens, types)
     return Tokenizer(
         backend,
-        None if bos is None else int(bos),
-        None if eos is None else int(eos),
+        _optional_id(get("bos_token_id")),
+        _optional_id(get("eos_token_id")),
         add_bos=get("add_bos_token", False),
         add_eos=get("add_eos_token", False),
     )
+
+
+def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a sentencepiece vocabulary: every split of a piece into two pieces of the vocabulary,
+    best piece score first (ties: shorter left, then shorter right part, then vocabulary order). This is
+    transformers' `generate_merges(vocab, vocab_scores)`, which its GGUF loader uses for a `llama` vocabulary."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece, score in dict(zip(tokens, scores, strict=True)).items():
+        splits = ((piece[:k], piece[k:]) for k in range(1, len(piece)))
+        local = [(left, right, score) for left, right in splits if left in vocab and right in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable: equal keys keep their order
+    return [(left, right) for left, right, _ in merges]
+
+
+def _gguf_sentencepiece(path: str, get) -> Tokenizer:
+    """A sentencepiece (`llama`) vocabulary as a `tokenizers` BPE, built as transformers' GGUF loader builds it: merges
+    from the scores, byte fallback, Metaspace with the prefix on the first piece of text only, and a decoder that
+    undoes it; BOS from a template processor when the file says add_bos_token (llama.cpp's default for this model)."""
+    tokens, scores = get("tokens"), get("scores")
+    if tokens is None or scores is None or len(scores) != len(tokens):
+        raise ValueError(f"{path}: GGUF sentencepiece vocabulary needs tokenizer.ggml.tokens and scores of one length")
+    types = get("token_type") or [1] * len(tokens)
+    bos, eos = _optional_id(get("bos_token_id")), _optional_id(get("eos_token_id"))
+    unk, pad = _optional_id(get("unknown_token_id")), _optional_id(get("padding_token_id"))
+    unk_token = tokens[unk] if unk is not None and 0 <= unk < len(tokens) else None
+    vocab = {t: i for i, t in enumerate(tokens)}
+    bpe = models.BPE(
+        vocab, sentencepiece_merges(tokens, scores), unk_token=unk_token, fuse_unk=True, byte_fallback=True
+    )
+    backend = tokenizers.Tokenizer(bpe)
+    # add_space_prefix: sentencepiece's add_dummy_prefix (default true). "first": not after a special token, and not
+    # when the text already starts with a space -- transformers' choice (legacy=False); see the module docstring.
+    prefix = bool(get("add_space_prefix", True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False
+    )
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + [decoders.Strip(content=" ", left=1)] * prefix)
+    _gguf_added_tokens(backend, tokens, types, special_ids=(unk, bos, eos, pad))
+    add_bos, add_eos = bool(get("add_bos_token", True)), bool(get("add_eos_token", False))
+    for flag, i, name in ((add_bos, bos, "bos"), (add_eos, eos, "eos")):
+        if flag and (i is None or not 0 <= i < len(tokens)):
+            raise ValueError(f"{path}: GGUF tokenizer.ggml.add_{name}_token is set but {name}_token_id is not valid")
+    b, e = (tokens[bos] if add_bos else None), (tokens[eos] if add_eos else None)
+    single = [f"{b}:0"] * add_bos + ["$A:0"] + [f"{e}:0"] * add_eos
+    pair = single + [f"{b}:1"] * add_bos + ["$B:1"] + [f"{e}:1"] * add_eos
+    special = {t: i for t, i, on in ((b, bos, add_bos), (e, eos, add_eos)) if on}
+    backend.post_processor = processors.TemplateProcessing(
+        single=" ".join(single), pair=" ".join(pair), special_tokens=list(special.items())
+    )
+    return Tokenizer(backend, bos, eos, add_bos=add_bos, add_eos=add_eos)
 
 
 def load_tokenizer(source: str) -> Tokenizer:
