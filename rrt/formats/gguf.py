@@ -12,6 +12,12 @@ a `rope_freqs.weight` tensor (what llama.cpp's converter writes for Llama 3.1+ `
 frequency, which we map back to `rope_scaling="llama3"` and accept only if that reproduces every divisor. Any other
 scaling type, or divisors that are not Llama 3's band-wise scheme, is an error naming it. (transformers' GGUF loader
 ignores both the keys and the tensor for these architectures.)
+
+The tokenizer comes from the `tokenizer.ggml.*` metadata (`rrt.formats.tokenizer.from_gguf`): byte-level BPE
+(`tokenizer.ggml.model = gpt2`) with the pre-tokenizers `smollm`, `gpt-2`, Llama 3's `llama-bpe` (also `llama3` /
+`llama-v3`) and `qwen2`, or a sentencepiece vocabulary (`llama`: Llama 2, TinyLlama, Mistral v0.1) from its tokens,
+scores, token types, bos / eos / unk ids and the add_bos_token / add_space_prefix flags. Any other tokenizer model or
+pre-tokenizer is an error naming it.
 """
 
 import dataclasses
