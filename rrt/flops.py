@@ -1,7 +1,8 @@
 """Model FLOPs per token (for MFU) and the peak FLOP/s they are measured against.
 
 Counted as matmul FLOPs (2 per multiply-add), PaLM-style: every projection of every depth position (LoRA included,
-as its two thin matmuls), attention scores and values over the full window (no causal halving), the head once per
+as its two thin matmuls), attention scores and values over the full window (no causal halving): seq_len keys at a
+global position, min(seq_len, sliding_window) at a local one (`ModelConfig.local_positions`), the head once per
 applied exit. A training step is 3x the forward (backward = 2x), plus a teacher forward when distilling.
 Remat recomputation is not counted: MFU measures useful work.
 """
@@ -31,8 +32,11 @@ def forward_flops_per_token(cfg: model_lib.ModelConfig, seq_len: int, heads_appl
     per_position = 0
     for proj, (din, dout) in cfg.projections().items():
         per_position += din * dout + cfg.rank(proj) * (din + dout)
-    attention = 2 * seq_len * cfg.n_heads * cfg.head_dim  # q.k and p.v
-    return 2.0 * (cfg.n_layers * (per_position + attention) + heads_applied * cfg.d_model * cfg.vocab_size)
+    local = cfg.local_positions()
+    n_local = int(local.sum())
+    keys = (cfg.n_layers - n_local) * seq_len + n_local * min(seq_len, cfg.sliding_window)  # summed over positions
+    attention = 2 * keys * cfg.n_heads * cfg.head_dim  # q.k and p.v
+    return 2.0 * (cfg.n_layers * per_position + attention + heads_applied * cfg.d_model * cfg.vocab_size)
 
 
 def train_flops_per_token(cfg, seq_len, heads_applied=1, teacher: model_lib.ModelConfig | None = None) -> float:
