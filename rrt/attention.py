@@ -7,13 +7,19 @@ Design notes.
 * `self_attention` is the training/prefill entry: it takes the row's positions and segment ids and dispatches on
   `kind` (ModelConfig.attention). `attend` is the XLA core with an explicit [B, T, S] mask; the decoding path (a KV
   cache, whose key slots are absolute positions) calls it directly, so decoding always runs on XLA.
-* Masks. The XLA path builds its causal mask from positions (key position <= query position) and segment equality,
-  as it always has. Splash and cuDNN mask by *index* (key index <= query index) plus segment equality. The two
-  agree whenever the positions inside each segment are consecutive (each token's position is the previous token's
-  plus 1): then pos_q - pos_k = q - k for every pair in a segment. Packed training rows are built that way
-  (rrt/data/packing.py: positions restart at 0 at every document and count up; padding is segment 0 at position 0,
-  attends only to padding and carries no loss), and a call without positions uses arange. Callers that pass other
-  positions (left padding, a KV cache) must use "xla"; `positions_consecutive` checks the property on host arrays.
+* Masks. The XLA path (`blockwise`) builds its mask from positions (key position <= query position) and segment
+  equality, inside query blocks that skip the keys above the diagonal (and, under a window on every query, those
+  before it). Splash and cuDNN mask by *index* (key index <= query index) plus segment equality. All three agree
+  whenever the positions inside each segment are consecutive (each token's position is the previous token's plus 1):
+  then pos_q - pos_k = q - k for every pair in a segment, and no key after a query's block is visible to it. Packed
+  training rows are built that way (rrt/data/packing.py: positions restart at 0 at every document and count up;
+  padding is segment 0 at position 0, attends only to padding and carries no loss), and a call without positions
+  uses arange. Callers that pass other positions (left padding, a KV cache) must call `attend` with their own
+  mask, as decoding does; `positions_consecutive` checks the property on host arrays.
+* The XLA path's blocks (XLA_BLOCK = 128 query rows) are about the causal half and the layout, not a fused
+  kernel: each block's float32 scores [B, G, 128 * N/G, S_block] are materialised and softmaxed by XLA, and
+  autodiff keeps its probabilities. Against the one [B, G, N/G, T, T] einsum it replaced this is 3-4x faster at
+  1,024 tokens on a CPU (docs/TRAINING.md, "Where the time goes") and holds about half the scores.
 * `sliding_window` W (int | None): a query sees itself and the W - 1 keys before it (q - k < W, Hugging Face's
   Mistral/Gemma convention). `soft_cap` c (float | None): logits -> c * tanh(logits / c), after the scale
   (Gemma 2). `scale` defaults to 1 / sqrt(H) (Gemma: 1 / sqrt(query_pre_attn_scalar)). ModelConfig's
@@ -52,17 +58,24 @@ from rrt import sharding as sharding_lib
 
 KINDS = ("auto", "xla", "splash", "cudnn")
 _SPLASH_BLOCKS = (512, 256, 128)
+XLA_BLOCK = 128  # query rows per block of the XLA path (`blockwise`); measured in docs/TRAINING.md
 
 
 def causal_mask(positions_BxT, segment_ids_BxT=None, sliding_window: int | None = None, local=None) -> jax.Array:
     """[B, T, T] bool: key position <= query position (and within the window where `local`), same segment."""
-    q, k = positions_BxT[:, :, None], positions_BxT[:, None, :]
+    return block_mask(positions_BxT, positions_BxT, segment_ids_BxT, segment_ids_BxT, sliding_window, local)
+
+
+def block_mask(pos_q_BxT, pos_k_BxS, seg_q_BxT=None, seg_k_BxS=None, sliding_window=None, local=None) -> jax.Array:
+    """[B, T, S] bool for queries at `pos_q` against keys at `pos_k`: key position <= query position, within the
+    window where `local` (None: always), same segment (where segment ids are given)."""
+    q, k = pos_q_BxT[:, :, None], pos_k_BxS[:, None, :]
     mask = k <= q
     if sliding_window is not None:
         near = q - k < sliding_window
         mask &= near if local is None else near | ~jnp.asarray(local)
-    if segment_ids_BxT is not None:
-        mask &= segment_ids_BxT[:, None, :] == segment_ids_BxT[:, :, None]
+    if seg_q_BxT is not None:
+        mask &= seg_k_BxS[:, None, :] == seg_q_BxT[:, :, None]
     return mask
 
 
@@ -81,6 +94,68 @@ def attend(
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxH.dtype)
     out = jnp.einsum("bgnts,bsgh->btgnh", probs, v_BxSxGxH)
     return out.reshape(b, t, n, h)
+
+
+def key_range(lo: int, hi: int, sliding_window: int | None, local) -> int:
+    """The first key index a query block [lo, hi) can see (keys end at hi): 0, or lo - W + 1 under a window that
+    applies to every query (`local` None). A traced `local` keeps every key: the block must serve both kinds."""
+    if sliding_window is None or local is not None:
+        return 0
+    return max(0, lo - sliding_window + 1)
+
+
+def blockwise(
+    q_BxTxNxH,
+    k_BxTxGxH,
+    v_BxTxGxH,
+    positions_BxT,
+    segment_ids_BxT=None,
+    *,
+    block: int = XLA_BLOCK,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    scale: float | None = None,
+    local=None,
+) -> jax.Array:
+    """Causal self-attention (the XLA path of `self_attention`) in query blocks of `block` rows: block i's queries
+    meet only keys [first, end of block i) (`key_range`), so the keys above the diagonal, and those outside a
+    window, are never computed. Within a block the mask is the exact position mask (`block_mask`); the skipped
+    keys are the index assumption of splash and cuDNN (module notes, "Masks"). Heads are laid out batch-leading,
+    q as [B, G, T * N/G, H] and k, v as [B, G, S, H], so every dot is a plain batched matmul over (B, G) with no
+    transposes inside. Autodiff saves each block's probabilities: the lower triangle, not the [T, T] square."""
+    b, t, n, h = q_BxTxNxH.shape
+    g = k_BxTxGxH.shape[2]
+    r = n // g
+    scale = 1.0 / math.sqrt(h) if scale is None else scale
+    q_BxGxMxH = jnp.transpose((q_BxTxNxH * jnp.asarray(scale, q_BxTxNxH.dtype)).reshape(b, t, g, r, h), (0, 2, 1, 3, 4))
+    q_BxGxMxH = q_BxGxMxH.reshape(b, g, t * r, h)  # row m = query t * r + its head within the group
+    k_BxGxSxH, v_BxGxSxH = jnp.swapaxes(k_BxTxGxH, 1, 2), jnp.swapaxes(v_BxTxGxH, 1, 2)
+    seg = segment_ids_BxT
+    outs = []
+    for lo in range(0, t, block):
+        hi = min(t, lo + block)
+        first = key_range(lo, hi, sliding_window, local)
+        logits = jnp.einsum(
+            "bgmh,bgsh->bgms",
+            q_BxGxMxH[:, :, lo * r : hi * r],
+            k_BxGxSxH[:, :, first:hi],
+            preferred_element_type=jnp.float32,
+        ).reshape(b, g, hi - lo, r, hi - first)
+        if soft_cap is not None:
+            logits = soft_cap * jnp.tanh(logits / soft_cap)
+        mask = block_mask(
+            positions_BxT[:, lo:hi],
+            positions_BxT[:, first:hi],
+            None if seg is None else seg[:, lo:hi],
+            None if seg is None else seg[:, first:hi],
+            sliding_window,
+            local,
+        )
+        logits = jnp.where(mask[:, None, :, None, :], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v_BxTxGxH.dtype).reshape(b, g, (hi - lo) * r, hi - first)
+        outs.append(jnp.einsum("bgms,bgsh->bgmh", probs, v_BxGxSxH[:, :, first:hi]))
+    out = jnp.concatenate(outs, axis=2).reshape(b, g, t, r, h)
+    return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, t, n, h)
 
 
 def positions_consecutive(positions_BxT: np.ndarray, segment_ids_BxT: np.ndarray | None = None) -> bool:
@@ -175,8 +250,17 @@ def self_attention(
             raise ValueError("attention='cudnn' cannot soft-cap logits (cuDNN has no such option): use 'xla'")
         args = cudnn_arguments(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, segment_ids_BxT, sliding_window, scale)
         return jax.nn.dot_product_attention(**args, implementation="cudnn")
-    mask = causal_mask(positions_BxT, segment_ids_BxT, sliding_window, local)
-    return attend(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, mask, scale=scale, soft_cap=soft_cap)
+    return blockwise(
+        q_BxTxNxH,
+        k_BxTxGxH,
+        v_BxTxGxH,
+        positions_BxT,
+        segment_ids_BxT,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        scale=scale,
+        local=local,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

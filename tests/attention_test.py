@@ -1,6 +1,8 @@
 """The attention kernels against each other and a numpy reference, on packed rows (several documents per row).
 
-* xla (positions mask) equals numpy, with and without a sliding window and a logit soft cap.
+* xla (positions mask) equals numpy, with and without a sliding window and a logit soft cap; its query blocks
+  (`attention.blockwise`: the causal half, windows skipping key ranges) equal one dense masked softmax, values
+  and gradients.
 * splash (Pallas interpret mode on CPU) equals xla, forward and gradients wrt q, k, v, for MHA, GQA and MQA,
   float32 to 1e-5 (measured: at most 6e-7) and bfloat16 to 2e-2 (measured: at most 7.5e-3; the XLA path rounds
   probabilities to bf16 before the value matmul, splash keeps them in float32), relative to the largest entry.
@@ -81,6 +83,50 @@ def test_xla_equals_numpy(n, g, window, cap):
     q, k, v = qkv(n, g)
     out = attention.self_attention(q, k, v, pos, seg, kind="xla", sliding_window=window, soft_cap=cap)
     assert rel(out, numpy_reference(q, k, v, pos, seg, window, cap)) < 1e-5
+
+
+def dense_reference(q, k, v, pos, seg, window=None, cap=None, local=True):
+    """The textbook formula in jnp (one [T, T] score matrix per head, masked with -inf), for gradients."""
+    n, g = q.shape[2], k.shape[2]
+    kq, vq = jnp.repeat(k, n // g, axis=2), jnp.repeat(v, n // g, axis=2)
+    logits = jnp.einsum("bthd,bshd->bhts", q, kq) / np.sqrt(q.shape[-1])
+    if cap is not None:
+        logits = cap * jnp.tanh(logits / cap)
+    d = pos[:, :, None] - pos[:, None, :]
+    ok = (d >= 0) & (seg[:, :, None] == seg[:, None, :])
+    if window is not None:
+        ok &= (d < window) | ~jnp.asarray(local)
+    p = jax.nn.softmax(jnp.where(ok[:, None], logits, -jnp.inf), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", p, vq)
+
+
+@pytest.mark.parametrize(
+    "block,window,cap,local",
+    [(32, None, None, None), (48, None, 3.0, None), (16, 8, None, None), (40, 20, 4.0, None), (32, 20, None, False)],
+)
+@pytest.mark.parametrize("n,g", HEADS)
+def test_blockwise_equals_the_dense_formula_forward_and_gradients(n, g, block, window, cap, local):
+    """The XLA path's query blocks (blocks that do not divide T, windows that skip whole key ranges, a traced
+    local flag that keeps them) equal one dense masked softmax, in value (also against numpy) and gradients."""
+    pos, seg = packed_rows()
+    q, k, v = qkv(n, g)
+    w = jnp.asarray(np.random.default_rng(3).normal(size=(B, T, n, H)), jnp.float32)
+    flag = None if local is None else jnp.asarray(local)
+
+    def ours(q, k, v):
+        out = attention.blockwise(q, k, v, pos, seg, block=block, sliding_window=window, soft_cap=cap, local=flag)
+        return jnp.sum(out * w), out
+
+    def ref(q, k, v):
+        out = dense_reference(q, k, v, pos, seg, window, cap, True if local is None else local)
+        return jnp.sum(out * w), out
+
+    (val, out), grads = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (val_r, out_r), grads_r = jax.value_and_grad(ref, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    assert rel(out, numpy_reference(q, k, v, pos, seg, window if local is not False else None, cap)) < 1e-5
+    assert rel(val, val_r) < 1e-5
+    for name, a, b in zip("qkv", grads, grads_r):
+        assert rel(a, b) < 1e-5, name
 
 
 def _loss(kind, **kw):
