@@ -101,10 +101,15 @@ def dense_reference(q, k, v, pos, seg, window=None, cap=None, local=True):
 
 
 @pytest.mark.parametrize(
-    "block,window,cap,local",
-    [(32, None, None, None), (48, None, 3.0, None), (16, 8, None, None), (40, 20, 4.0, None), (32, 20, None, False)],
+    "n,g,block,window,cap,local",
+    [
+        (4, 4, 32, None, None, None),
+        (4, 2, 48, None, 3.0, None),
+        (4, 1, 16, 8, None, None),
+        (4, 2, 40, 20, 4.0, None),
+        (4, 2, 32, 20, None, False),
+    ],
 )
-@pytest.mark.parametrize("n,g", HEADS)
 def test_blockwise_equals_the_dense_formula_forward_and_gradients(n, g, block, window, cap, local):
     """The XLA path's query blocks (blocks that do not divide T, windows that skip whole key ranges, a traced
     local flag that keeps them) equal one dense masked softmax, in value (also against numpy) and gradients."""
