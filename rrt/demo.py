@@ -161,4 +161,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from rrt import hostmem
+
+    hostmem.reexec_with_hugepages()  # rrt/hostmem.py
     sys.exit(main())

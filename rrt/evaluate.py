@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from rrt import formats
+from rrt import formats, hostmem
 from rrt.eval import perplexity as perplexity_lib
 
 
@@ -180,6 +180,7 @@ def main(argv=None) -> int:
 
 
 def run():
+    hostmem.reexec_with_hugepages()  # rrt/hostmem.py
     sys.exit(main())
 
 

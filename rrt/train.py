@@ -30,7 +30,7 @@ from rrt import attention as attention_lib
 from rrt import config as config_lib
 from rrt import convert as convert_lib
 from rrt import flops as flops_lib
-from rrt import formats, losses, metrics_log, paths, train_state, workdir_lock
+from rrt import formats, hostmem, losses, metrics_log, paths, train_state, workdir_lock
 from rrt import model as model_lib
 from rrt import optim as optim_lib
 from rrt import sharding as sharding_lib
@@ -795,6 +795,7 @@ def run():
         print(__doc__)
         print(flags.FLAGS.module_help(__name__))
         return
+    hostmem.reexec_with_hugepages()  # once, before anything allocates: rrt/hostmem.py
     config_lib.install_config_flag_resolution()  # --config <preset name> works from any directory
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

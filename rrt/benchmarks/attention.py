@@ -38,8 +38,10 @@ def rows(b: int, t: int, seed: int = 0):
 
 
 def jax_variants(pos, seg, blocks) -> dict:
-    out = {f"xla:{bq}": functools.partial(attention.blockwise, positions_BxT=pos, segment_ids_BxT=seg, block=bq)
-           for bq in blocks}
+    out = {
+        f"xla:{bq}": functools.partial(attention.blockwise, positions_BxT=pos, segment_ids_BxT=seg, block=bq)
+        for bq in blocks
+    }
     mask = attention.causal_mask(jnp.asarray(pos), jnp.asarray(seg))
     out["dense"] = lambda q, k, v: attention.attend(q, k, v, mask)
     return out
@@ -71,19 +73,22 @@ def main() -> None:
     ap.add_argument("--no_torch", action="store_true")
     args = ap.parse_args()
     blocks = [int(x) for x in args.blocks.split(",")]
-    print(f"attention, one layer: {SMOLLM2.n_heads} heads / {SMOLLM2.n_kv_heads} KV of {SMOLLM2.head_dim}, float32, "
-          f"batch {args.batch}; load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"attention, one layer: {SMOLLM2.n_heads} heads / {SMOLLM2.n_kv_heads} KV of {SMOLLM2.head_dim}, float32, "
+        f"batch {args.batch}; load average {os.getloadavg()[0]:.2f}"
+    )
     for t in (int(x) for x in args.seq.split(",")):
         q, k, v, pos, seg = rows(args.batch, t)
         w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
         variants, values = {}, {}
         for name, f in jax_variants(pos, seg, blocks).items():
             fwd = jax.jit(f)
-            both = jax.jit(jax.value_and_grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2)))
+            both = jax.jit(jax.value_and_grad(lambda q, k, v, f=f, w=w: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2)))
             values[name] = jax.block_until_ready((fwd(q, k, v), both(q, k, v)[1]))
+            args_ = (q, k, v)
             variants[name] = (
-                lambda fwd=fwd: jax.block_until_ready(fwd(q, k, v)),
-                lambda both=both: jax.block_until_ready(both(q, k, v)),
+                lambda fwd=fwd, a=args_: jax.block_until_ready(fwd(*a)),
+                lambda both=both, a=args_: jax.block_until_ready(both(*a)),
             )
         if not args.no_torch:
             variants["torch"] = torch_variant(q, k, v, seg, w)
@@ -91,12 +96,15 @@ def main() -> None:
         ref = jax.tree.leaves(values["dense"])
         print(f"\nT = {t}" + " " * 12 + "forward ms   fwd+bwd ms   vs dense   vs torch   max rel err   others' share")
         for name, (f, fb, others) in best.items():
-            err = "" if name not in values else "%.1e" % max(
-                float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(jax.tree.leaves(values[name]), ref)
-            )
+            err = ""
+            if name in values:
+                pairs = zip(jax.tree.leaves(values[name]), ref)
+                err = f"{max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in pairs):.1e}"
             vs_torch = f"{best['torch'][1] / fb:8.2f}x" if "torch" in best else ""
-            print(f"  {name:14s} {f * 1e3:10.1f} {fb * 1e3:12.1f} {best['dense'][1] / fb:9.2f}x {vs_torch:>10s}"
-                  f"   {err:>11s}   {others:6.1%}")
+            print(
+                f"  {name:14s} {f * 1e3:10.1f} {fb * 1e3:12.1f} {best['dense'][1] / fb:9.2f}x {vs_torch:>10s}"
+                f"   {err:>11s}   {others:6.1%}"
+            )
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 
@@ -121,4 +129,7 @@ def torch_variant(q, k, v, seg, w):
 
 
 if __name__ == "__main__":
+    from rrt import hostmem
+
+    hostmem.reexec_with_hugepages()  # what rrt.train does: rrt/hostmem.py
     main()

@@ -222,4 +222,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from rrt import hostmem
+
+    hostmem.reexec_with_hugepages()  # what rrt.train does: rrt/hostmem.py
     main()

@@ -6,7 +6,11 @@ gradients, global-norm clipping, AdamW):
   throughput  tokens/s and MFU of the vanilla 30-layer step; MFU against the float32 matmul peak measured in the
               same run (`rrt.flops.measure_matmul_peak`), FLOPs from `rrt.flops` (matmuls only, remat not counted)
   torch       the same step in Hugging Face transformers (LlamaForCausalLM, AdamW, clipping, float32, all cores),
-              taken in turns with rrt's steps (ABAB) in one process, so that a change of load hits both
+              taken in turns with rrt's steps (ABAB), so that a change of load hits both. It runs in a process of
+              its own, driven step by step through a pipe: in one process the two libraries' allocators disturb
+              each other (an XLA step right after a torch step took 2-3 s longer, its heap handed back to the
+              system). The torch process runs without rrt's malloc tunable (rrt/hostmem.py), as transformers
+              users run it, unless --torch_hugepages (it does not make the torch step faster here)
   recursion   the strict 15 x 2 recursive step over the vanilla step (the same FLOPs), steps taken in turns in
               one process; also a logged recursive step, which computes loop 1's loss for the log (+1 head forward)
   compile     compile time of 15 x 8 over 15 x 2 (K = 15 shared layers, B = 8 vs 2 loops): the scans keep it flat
@@ -41,8 +45,8 @@ import numpy as np
 from flax import nnx
 
 from rrt import flops as flops_lib
+from rrt import hostmem, optim, train
 from rrt import model as model_lib
-from rrt import optim, train
 
 SMOLLM2 = model_lib.ModelConfig(
     vocab_size=49152,
@@ -149,11 +153,15 @@ def run_jax(cfg, b: int, t: int, steps: int) -> dict:
 
 class CoreWatch:
     """What else used the cores during a measurement: the load average before and after, the CPU seconds every
-    other process took (/proc/stat's busy time minus this process's own) and the steal time (the hypervisor giving
-    the cores to another machine), each as a share of the cores' wall time."""
+    other process took (/proc/stat's busy time minus this process's own and that of `pids`, the measurement's own
+    workers) and the steal time (the hypervisor giving the cores to another machine), each as a share of the cores'
+    wall time."""
+
+    def __init__(self, pids: tuple[int, ...] = ()):
+        self.pids = pids
 
     def __enter__(self):
-        self.load_before, self.wall, self.own = os.getloadavg()[0], time.time(), _own_s()
+        self.load_before, self.wall, self.own = os.getloadavg()[0], time.time(), _own_s(self.pids)
         self.busy, self.steal = _busy_steal_s()
         return self
 
@@ -161,7 +169,7 @@ class CoreWatch:
         cores_s = max((time.time() - self.wall) * len(os.sched_getaffinity(0)), 1e-9)
         busy, steal = _busy_steal_s()
         self.load_after = os.getloadavg()[0]
-        self.others_share = max(0.0, (busy - self.busy) - (_own_s() - self.own)) / cores_s
+        self.others_share = max(0.0, (busy - self.busy) - (_own_s(self.pids) - self.own)) / cores_s
         self.steal_share = (steal - self.steal) / cores_s
 
     def record(self) -> dict:
@@ -180,18 +188,68 @@ def _busy_steal_s() -> tuple[float, float]:
     return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
-def _own_s() -> float:
+def _own_s(pids: tuple[int, ...] = ()) -> float:
+    """CPU seconds of this process and of `pids` (from /proc/<pid>/stat; a process that is gone counts 0)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    total = usage.ru_utime + usage.ru_stime
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
-def interleaved(b: int, t: int, steps: int, with_torch: bool = True) -> dict:
+class TorchWorker:
+    """The transformers step (`torch_stepper`) in a process of its own, one step per request through a pipe;
+    `step()` returns the step's time as the worker measured it."""
+
+    def __init__(self, b: int, t: int, hugepages: bool = False):
+        env = dict(os.environ) if hugepages else {**hostmem.without_tunable(dict(os.environ)), "RRT_HUGEPAGES": "0"}
+        cmd = [sys.executable, "-m", "rrt.benchmarks.train", "--probe=torch_worker", f"--batch={b}", f"--seq={t}"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.threads = self._reply()["threads"]
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the torch worker exited with {self.proc.wait()} (its stderr is above)")
+        return json.loads(line)
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return self._reply()["step_s"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def torch_worker(b: int, t: int) -> None:
+    """The worker's side of TorchWorker: build the step, then one timed step per line on stdin."""
+    step, threads = torch_stepper(b, t)
+    print(json.dumps({"threads": threads}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            raise ValueError(f"torch worker: unknown request {line!r}")
+        start = time.perf_counter()
+        step()
+        print(json.dumps({"step_s": time.perf_counter() - start}), flush=True)
+
+
+def interleaved(b: int, t: int, steps: int, with_torch: bool = True, torch_hugepages: bool = False) -> dict:
     """Step times of vanilla, recursive 15 x 2 and (with_torch) the transformers step, measured in turns
-    (v, r, r', torch, v, r, r', torch, ...) in one process, so that a change of load moves them alike. r is a step the
-    training loop does not log (most steps: log_every is 10 by default), r' a logged one, which also computes the
-    untrained loop's loss for the log (one more head forward): the same compiled step, called with log_loops False /
-    True. Vanilla has one loop: both are equal. Each timed step records the load and the other processes' CPU share
-    (CoreWatch)."""
+    (v, r, r', torch, v, r, r', torch, ...), so that a change of load moves them alike. Each turn is two steps back
+    to back and only the second is timed: on this machine (a VM with a virtio balloon) memory a process frees is
+    handed back to the host within seconds, and the first step after another's turn faults it in again (+2 s for
+    rrt's vanilla step after a torch step), which a training loop, running its steps back to back, never pays. r is
+    a step the training loop does not log (most steps: log_every is 10 by default), r' a logged one, which also
+    computes the untrained loop's loss for the log (one more head forward): the same compiled step, called with
+    log_loops False / True. Vanilla has one loop: both are equal. Each timed step records the load and the other
+    processes' CPU share (CoreWatch; the torch worker's CPU time counts as the measurement's own)."""
     batch = jax.tree.map(jnp.asarray, make_batch(b, t, SMOLLM2.vocab_size))
     runs = {}
     for name, cfg in (("vanilla", variant("vanilla")), ("recursive", variant("recursive"))):
@@ -210,20 +268,25 @@ def interleaved(b: int, t: int, steps: int, with_torch: bool = True) -> dict:
         runs[name] = {"state": state, "step": compiled, "compile_s": time.perf_counter() - start, "run": run}
         runs[name]["log"] = jnp.asarray(False)
     runs["recursive_logged"] = {**runs["recursive"], "log": jnp.asarray(True)}  # shares the state
-    if with_torch:
-        torch_step, threads = torch_stepper(b, t)
-        runs["torch"] = {"run": lambda r: torch_step(), "compile_s": 0.0, "threads": threads}
+    worker = TorchWorker(b, t, torch_hugepages) if with_torch else None
+    if worker:
+        runs["torch"] = {"run": lambda r: worker.step(), "compile_s": 0.0, "threads": worker.threads}
     for r in runs.values():
         r["step_s"], r["watch"] = [], []
+    pids = (worker.proc.pid,) if worker else ()
     for i in range(steps + 1):
         for r in runs.values():
-            with CoreWatch() as watch:
+            r["run"](r)  # each turn's first step is not timed (see above)
+            if not i:
+                continue
+            with CoreWatch(pids) as watch:
                 start = time.perf_counter()
-                r["run"](r)
-                elapsed = time.perf_counter() - start
-            if i:  # the first round is the warm-up
-                r["step_s"].append(elapsed)
-                r["watch"].append(watch.record())
+                own = r["run"](r)
+                elapsed = own if isinstance(own, float) else time.perf_counter() - start
+            r["step_s"].append(elapsed)
+            r["watch"].append(watch.record())
+    if worker:
+        worker.close()
     keep = ("compile_s", "step_s", "watch", "threads")
     return {name: {k: r[k] for k in keep if k in r} for name, r in runs.items()}
 
@@ -312,8 +375,8 @@ def probe(what: str, b: int, t: int, steps: int) -> dict:
     gemma:<layers> (b, t are then the Gemma batch and sequence length)."""
     if what.startswith("gemma:"):
         return run_gemma(b, t, steps, int(what.split(":")[1]))
-    if what in ("interleaved", "interleaved:torch"):
-        return interleaved(b, t, steps, with_torch=what.endswith(":torch"))
+    if what.startswith("interleaved"):  # interleaved | interleaved:torch | interleaved:torch_hugepages
+        return interleaved(b, t, steps, with_torch=":torch" in what, torch_hugepages=what.endswith("_hugepages"))
     if what.startswith("compile:"):
         loops = int(what.split(":")[1])
         return compile_seconds(variant("recursive", n_layers=15 * loops, n_loops=loops), b, t)
@@ -356,9 +419,12 @@ def main() -> None:
     p.add_argument("--gemma_batch", type=int, default=8)
     p.add_argument("--gemma_seq", type=int, default=2048)
     p.add_argument("--gemma_layers", type=int, default=18, help="Gemma-2B layers before looping (smaller: smoke)")
+    p.add_argument("--torch_hugepages", action="store_true", help="run the torch step under rrt's malloc tunable too")
     p.add_argument("--probe", default="", help=argparse.SUPPRESS)  # internal: one measurement (see `probe`)
     a = p.parse_args()
     b, t = a.batch, a.seq
+    if a.probe == "torch_worker":
+        return torch_worker(b, t)
     if a.probe:
         print(json.dumps(probe(a.probe, b, t, a.steps)))
         return
@@ -377,14 +443,16 @@ def main() -> None:
     gib = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
     print(
         f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores; jax {jax.__version__} "
-        f"({jax.devices()[0].device_kind}); SmolLM2-135M shape, batch {b} x {t}, float32; one process per measurement",
+        f"({jax.devices()[0].device_kind}); SmolLM2-135M shape, batch {b} x {t}, float32; one process per measurement; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}",
         flush=True,
     )
     peak = flops_lib.measure_matmul_peak(dtype=jnp.float32, seconds=2.0)
     print(f"measured float32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s", flush=True)
 
     tokens = b * t
-    timed = measure("interleaved" + ("" if "torch" in skip else ":torch"), b, t, a.steps)
+    with_torch = "" if "torch" in skip else ":torch_hugepages" if a.torch_hugepages else ":torch"
+    timed = measure("interleaved" + with_torch, b, t, a.steps)
     for name, r in timed.items():  # what else ran during each timed step
         w = r["watch"]
         busy, steal = max(x["others_share"] for x in w), max(x["steal_share"] for x in w)
@@ -461,4 +529,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from rrt import hostmem
+
+    hostmem.reexec_with_hugepages()  # what rrt.train does: rrt/hostmem.py
     main()
