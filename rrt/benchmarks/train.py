@@ -29,6 +29,7 @@ after each measurement, the share of the cores other processes took during it an
 """
 
 import argparse
+import ctypes
 import dataclasses
 import functools
 import json
@@ -219,20 +220,41 @@ class TorchWorker:
         return json.loads(line)
 
     def step(self) -> float:
-        self.proc.stdin.write("step\n")
+        return self._ask("step")["step_s"]
+
+    def trim(self) -> None:
+        self._ask("trim")
+
+    def _ask(self, request: str) -> dict:
+        self.proc.stdin.write(request + "\n")
         self.proc.stdin.flush()
-        return self._reply()["step_s"]
+        return self._reply()
 
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
 
 
+def trim_heap() -> None:
+    """Hand the heap's free memory back to the system (glibc's malloc_trim; nothing elsewhere). Called at the end
+    of each turn, so that the rrt and the torch process need not hold their peaks at once (at 4 x 1,024 the two
+    together exceed this machine's 24 GiB)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def torch_worker(b: int, t: int) -> None:
-    """The worker's side of TorchWorker: build the step, then one timed step per line on stdin."""
+    """The worker's side of TorchWorker: build the step, then one timed step per "step" line on stdin, and
+    `trim_heap` per "trim" line."""
     step, threads = torch_stepper(b, t)
     print(json.dumps({"threads": threads}), flush=True)
     for line in sys.stdin:
+        if line.strip() == "trim":
+            trim_heap()
+            print(json.dumps({}), flush=True)
+            continue
         if line.strip() != "step":
             raise ValueError(f"torch worker: unknown request {line!r}")
         start = time.perf_counter()
@@ -248,7 +270,8 @@ def interleaved(b: int, t: int, steps: int, with_torch: bool = True, torch_hugep
     rrt's vanilla step after a torch step), which a training loop, running its steps back to back, never pays. r is
     a step the training loop does not log (most steps: log_every is 10 by default), r' a logged one, which also
     computes the untrained loop's loss for the log (one more head forward): the same compiled step, called with
-    log_loops False / True. Vanilla has one loop: both are equal. Each timed step records the load and the other
+    log_loops False / True. Vanilla has one loop: both are equal. Each turn ends with `trim_heap` in the process
+    that ran it. Each timed step records the load and the other
     processes' CPU share (CoreWatch; the torch worker's CPU time counts as the measurement's own)."""
     batch = jax.tree.map(jnp.asarray, make_batch(b, t, SMOLLM2.vocab_size))
     runs = {}
@@ -275,16 +298,16 @@ def interleaved(b: int, t: int, steps: int, with_torch: bool = True, torch_hugep
         r["step_s"], r["watch"] = [], []
     pids = (worker.proc.pid,) if worker else ()
     for i in range(steps + 1):
-        for r in runs.values():
+        for name, r in runs.items():
             r["run"](r)  # each turn's first step is not timed (see above)
-            if not i:
-                continue
-            with CoreWatch(pids) as watch:
-                start = time.perf_counter()
-                own = r["run"](r)
-                elapsed = own if isinstance(own, float) else time.perf_counter() - start
-            r["step_s"].append(elapsed)
-            r["watch"].append(watch.record())
+            if i:
+                with CoreWatch(pids) as watch:
+                    start = time.perf_counter()
+                    own = r["run"](r)
+                    elapsed = own if isinstance(own, float) else time.perf_counter() - start
+                r["step_s"].append(elapsed)
+                r["watch"].append(watch.record())
+            (worker.trim if name == "torch" else trim_heap)()  # the end of a turn
     if worker:
         worker.close()
     keep = ("compile_s", "step_s", "watch", "threads")
@@ -397,7 +420,8 @@ def measure(what: str, b: int, t: int, steps: int) -> dict:
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
-        raise RuntimeError(f"probe {what} exited with {out.returncode}:\n{out.stderr[-3000:]}")
+        killed = " (killed: out of memory?)" if out.returncode == -9 else ""
+        raise RuntimeError(f"probe {what} exited with {out.returncode}{killed}:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
