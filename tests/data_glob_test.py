@@ -92,6 +92,8 @@ def test_glob_batches_hold_only_those_files(corpus, tmp_path):
     assert pieces >= len(batch["inputs"])
 
 
+# default run under 20 min on CI; the glob's batches are checked by test_glob_batches_hold_only_those_files
+@pytest.mark.slow
 def test_glob_from_the_command_line(corpus, tmp_path):
     """rrt.train with the override flags: the run trains on the files and evaluates their held-out tail."""
     if not os.path.isdir(config.shared_data()):

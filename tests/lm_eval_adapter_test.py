@@ -195,6 +195,8 @@ def test_rolling_windows_cover_every_token(setup):
     assert total == pytest.approx(expected, abs=1e-3)
 
 
+# default run under 20 min on CI; scoring through lm-eval is checked by test_simple_evaluate_matches_rrt_scoring
+@pytest.mark.slow
 def test_cli_registers_and_runs(setup, tmp_path):
     """`rrt-lm-eval --model rrt ... --include_path <dir> --limit 3` (the console script, as a subprocess): the
     harness's CLI with rrt registered scores the local JSONL task, and its accuracy is rrt's own `mc:` task's on the

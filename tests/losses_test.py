@@ -134,6 +134,8 @@ def test_loss_fn_weights_loops_and_distillation(exit_weight, kd_weight):
     np.testing.assert_allclose(total, want, rtol=1e-5)
 
 
+# default run under 20 min on CI; loss_fn's loop weights are checked by test_loss_fn_weights_loops_and_distillation
+@pytest.mark.slow
 def test_untrained_exits_get_no_gradient():
     """exit_weight 0: intermediate loops are logged but their heads' losses do not reach the parameters."""
     model = model_lib.Decoder(CFG, rngs=nnx.Rngs(0))

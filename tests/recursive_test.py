@@ -171,8 +171,8 @@ def load(m, tmp_path):
     "make",
     [
         llama_hf,
-        gemma_hf,
-        neox_hf,
+        pytest.param(gemma_hf, marks=pytest.mark.slow),  # Gemma's norms and scaling: gemma2 below, in the default run
+        pytest.param(neox_hf, marks=pytest.mark.slow),  # parallel residual: families_test parity and export
         pytest.param(qwen3_hf, marks=pytest.mark.slow),  # qk-norm per head: also in families_test parity / export
         pytest.param(olmo2_hf, marks=pytest.mark.slow),
         gemma2_hf,  # alternating local/global (Gemma 3's two RoPE bases: families_test's export, and here slow)

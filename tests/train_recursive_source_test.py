@@ -83,6 +83,8 @@ def test_trains_the_converted_directory_as_it_is(dirs, tmp_path):
     assert rec1["loss"] == pytest.approx(want, rel=1e-4)
 
 
+# default run under 20 min on CI; test_trains_the_converted_directory_as_it_is trains a converted directory
+@pytest.mark.slow
 def test_distils_from_the_named_teacher(dirs, tmp_path):
     """KD from the converted directory with --config.teacher=<a full-depth dir>: step 1's logged KL is the numpy
     KL(teacher || source) on the first batch. (The teacher is another model than the one converted, which a rank-4

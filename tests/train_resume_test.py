@@ -232,6 +232,8 @@ def test_damaged_latest_checkpoint_is_named_kept_and_the_run_resumes_from_the_pr
         assert json.load(f)["steps"] == 3
 
 
+# default run under 20 min on CI; a damaged newest step is checked by test_damaged_latest_checkpoint_...
+@pytest.mark.slow
 def test_when_no_checkpoint_restores_the_run_stops_moving_nothing(tmp_path):
     workdir = tmp_path / "none"
     args = ("--config.checkpoint_every=1", "--config.keep_checkpoints=100", "--config.async_checkpoint=false")

@@ -136,6 +136,8 @@ def test_record_config_rewrites_on_each_start_and_keeps_a_different_earlier_one(
     assert contents == {'{"attempt": 1}', '{"attempt": 2}', '{"attempt": 3}'}
 
 
+# default run under 20 min on CI; PositionWarning itself is checked by evaluate_test's past-the-context test
+@pytest.mark.slow
 def test_seq_len_past_the_sources_positions_warns(tmp_path):
     """Training from an HF source that declares 16 positions with data.seq_len = 32: a PositionWarning naming both
     (RoPE: a warning, training proceeds)."""
