@@ -509,22 +509,8 @@ def tap_of(proj: str) -> str:
 
 def projection(cfg: ModelConfig, w: dict, name: str):
     """x -> x W (+ bias) (+ s x a b): projection `name` of the block weights `w` (see `block`)."""
-    base = lambda x: lora.dense(x, w[name], w.get(name + "_bias"))  # noqa: E731
     factors = (w[name + "_a"], w[name + "_b"], w.get("lora_group")) if name + "_a" in w else None
-    if factors is None or factors[2] is not None or factors[0].ndim != 2:
-        return lora.wrap(base, factors, cfg.lora_scale(name))  # strict, or per-example / grouped factors (decoding)
-    plain = lora.wrap(base, factors[:2], cfg.lora_scale(name))
-
-    def merged_or_plain(x):
-        # One dot with the merged weight W' + s a b where that is the cheaper: the rank-r path costs 2 N r (I + O)
-        # FLOPs forward and saves [N, r] for the backward; merging costs 2 I r O, independent of the N rows.
-        kernel = w[name]
-        if x.size // x.shape[-1] * (kernel.shape[0] + kernel.shape[1]) < kernel.shape[0] * kernel.shape[1]:
-            return plain(x)
-        merged = lora.merge(kernel, factors[0], factors[1], cfg.lora_scale(name))
-        return lora.dense(x, merged, w.get(name + "_bias"))
-
-    return merged_or_plain
+    return lambda x: lora.project(x, w[name], w.get(name + "_bias"), factors, cfg.lora_scale(name))
 
 
 def attn_input(cfg: ModelConfig, w: dict, x_BxTxD: jax.Array) -> jax.Array:

@@ -1,5 +1,5 @@
 """A relaxed projection x W + b + s (x A) B, in value and gradient, against numpy: with few rows rrt runs the rank-r
-path, with many it merges W + s A B into one dot (rrt.model.projection); both must equal the formula."""
+path, with many it merges W + s A B into one dot (rrt.lora.project); both must equal the formula."""
 
 import dataclasses
 

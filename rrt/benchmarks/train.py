@@ -271,8 +271,8 @@ def interleaved(b: int, t: int, steps: int, with_torch: bool = True, torch_hugep
     a step the training loop does not log (most steps: log_every is 10 by default), r' a logged one, which also
     computes the untrained loop's loss for the log (one more head forward): the same compiled step, called with
     log_loops False / True. Vanilla has one loop: both are equal. Each turn ends with `trim_heap` in the process
-    that ran it. Each timed step records the load and the other
-    processes' CPU share (CoreWatch; the torch worker's CPU time counts as the measurement's own)."""
+    that ran it. Each timed step records the load and the other processes' CPU share (CoreWatch; the torch worker's
+    CPU time counts as the measurement's own)."""
     batch = jax.tree.map(jnp.asarray, make_batch(b, t, SMOLLM2.vocab_size))
     runs = {}
     for name, cfg in (("vanilla", variant("vanilla")), ("recursive", variant("recursive"))):
