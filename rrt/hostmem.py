@@ -37,9 +37,14 @@ def without_tunable(env: dict[str, str]) -> dict[str, str]:
 
 
 def applies() -> bool:
-    """Whether re-executing would change anything here."""
+    """Whether re-executing would change anything here: supported, not switched off, not set already."""
     if os.environ.get("RRT_HUGEPAGES", "1") == "0" or "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
+    return supported()
+
+
+def supported() -> bool:
+    """Linux with glibc, and transparent huge pages not set to `never`."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:

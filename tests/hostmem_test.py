@@ -28,7 +28,7 @@ def run(tmp_path, **env):
     return json.loads(out.stdout), runs.read_text().count("run")
 
 
-@pytest.mark.skipif(not hostmem.applies(), reason="not Linux/glibc with transparent huge pages here")
+@pytest.mark.skipif(not hostmem.supported(), reason="huge-page malloc needs Linux, glibc and transparent huge pages")
 def test_reexec_adds_the_tunable_once_and_keeps_argv_env_and_other_tunables(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RRT_HUGEPAGES")}
     out, runs = run(tmp_path, **env, GLIBC_TUNABLES="glibc.malloc.tcache_count=7")
