@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rrt import platform as platform_lib
 from rrt import sharding as sharding_lib
 
 KINDS = ("auto", "xla", "splash", "cudnn")
@@ -171,16 +172,6 @@ def positions_consecutive(positions_BxT: np.ndarray, segment_ids_BxT: np.ndarray
 # Choosing the kernel.
 
 
-def _context() -> tuple[str, bool]:
-    """(platform, whether a Mosaic kernel can be partitioned here): the abstract mesh in context decides both;
-    without one, the default backend, and partitioning only on a single device."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    if device is not None:
-        return device.platform, True
-    return jax.default_backend(), jax.device_count() == 1
-
-
 def splash_block(t: int) -> int | None:
     """The splash block size for rows of length t: the largest of 512, 256, 128 dividing t (the kernel needs
     multiples of 128, the TPU's lane count, even in interpret mode); None when there is none."""
@@ -200,7 +191,7 @@ def resolve(kind: str, *, seq_len: int, head_dim: int, dtype, soft_cap: float | 
         return kind
     partitionable = True
     if platform is None:
-        platform, partitionable = _context()
+        platform, partitionable = platform_lib.context()
     if platform == "tpu" and partitionable and splash_block(seq_len) is not None:
         return "splash"
     if platform in ("gpu", "cuda") and cudnn_supported(dtype, head_dim, soft_cap):
@@ -341,7 +332,7 @@ def splash(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, segment_ids_BxT=None, sliding_window
         sliding_window=sliding_window,
         soft_cap=soft_cap,
         scale=scale,
-        interpret=_context()[0] != "tpu",
+        interpret=platform_lib.context()[0] != "tpu",
     )
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

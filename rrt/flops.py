@@ -47,9 +47,10 @@ def train_flops_per_token(cfg, seq_len, heads_applied=1, teacher: model_lib.Mode
 
 
 def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, seconds: float = 1.0) -> float:
-    """FLOP/s of a large square matmul on device 0 (the practical peak on CPUs, where no spec sheet applies)."""
+    """FLOP/s of a large square matmul on device 0 (the practical peak on CPUs, where no spec sheet applies), with
+    float32 accumulation as rrt's dots (a bf16-output dot gets a slower kernel on XLA:CPU: rrt.lora.mixed_matmul)."""
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
+    f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     reps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

@@ -10,24 +10,112 @@ The wrapper never looks inside the projection it wraps, so attention and MLP cod
 carry a leading batch axis (`a: [B, I, P]`): continuous depth-wise batching gathers one position's factors per slot.
 """
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from rrt import platform as platform_lib
 
-def matmul_rows(x: jax.Array, w_IxO: jax.Array) -> jax.Array:
-    """x [..., I] @ w [I, O] as one 2-D [N, I] x [I, O] dot over the flattened leading axes, reshaped back. Same
-    values as the batched einsum; on XLA:CPU the batched form's backward transposes [N, O] activations into
-    [O, N] copies before the weight-gradient dot, which made SmolLM2's MLP step ~1.8x slower (rrt.benchmarks.profile,
-    docs/TRAINING.md)."""
-    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w_IxO)
+
+def matmul_rows(x: jax.Array, w_IxO: jax.Array, out_dtype=None) -> jax.Array:
+    """x [..., I] @ w [I, O] as one 2-D [N, I] x [I, O] dot over the flattened leading axes, reshaped back, in the
+    dtype of x (or `out_dtype`). Same values as the batched einsum; on XLA:CPU the batched form's backward transposes
+    [N, O] activations into [O, N] copies before the weight-gradient dot, which made SmolLM2's MLP step ~1.8x slower
+    (rrt.benchmarks.profile, docs/TRAINING.md). Below float32 (mixed precision) on XLA:CPU, `mixed_matmul`."""
+    x_NxI = x.reshape(-1, x.shape[-1])
+    if mixed_on_cpu(x):
+        y = mixed_matmul(x_NxI, w_IxO, jnp.dtype(out_dtype or x.dtype))
+    else:
+        y = jnp.matmul(x_NxI, w_IxO.astype(x.dtype), preferred_element_type=out_dtype)
     return y.reshape(x.shape[:-1] + (w_IxO.shape[-1],))
+
+
+def mixed_on_cpu(x: jax.Array) -> bool:
+    """Whether x's dots take `mixed_matmul`: compute below float32, traced for XLA:CPU (rrt.platform). GPUs and TPUs
+    keep XLA's own bf16 dots and the layout of their gradients (and their all-reduces, sized in rrt.aot)."""
+    return jnp.dtype(x.dtype) != jnp.float32 and platform_lib.name() == "cpu"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_matmul(x_NxI: jax.Array, w_IxO: jax.Array, out_dtype) -> jax.Array:
+    """x @ w in mixed precision: the operands in the dtype of x (w is cast, and may stay float32 outside), products
+    accumulated in float32, the result in `out_dtype`. The backward's dots take the cotangent in the dtype of x and
+    accumulate in float32 too, and the weight's gradient comes back in w's own dtype without a round trip through
+    x's: a float32 master weight gets a float32 gradient.
+
+    Written out (a custom VJP) for XLA:CPU: its fast bfloat16 kernels (YNNPACK on AMX/AVX512-BF16: 1.0-1.4 TFLOP/s
+    against 0.25 in float32 on the 2 cores of docs/TRAINING.md) take only bf16 x bf16 -> f32 dots whose left operand
+    contracts its last axis; a bf16-output dot, or the weight gradient x^T dy as autodiff writes it, is upcast to a
+    float32 dot, and so is a dot fed by a transpose in the same computation. The forward therefore saves x^T [I, N]
+    for the weight gradient: in the layer scan it crosses the loop as its own buffer, and that dot is canonical
+    (bf16 SmolLM2 step on 2 cores: 9.0 -> 5.5 s; docs/TRAINING.md)."""
+    return _dot(x_NxI, w_IxO.astype(x_NxI.dtype), ((1,), (0,))).astype(out_dtype)
+
+
+def _dot(a, b, contracting) -> jax.Array:
+    return jax.lax.dot_general(a, b, (contracting, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _mixed_matmul_fwd(x_NxI, w_IxO, out_dtype):
+    w_low = w_IxO.astype(x_NxI.dtype)
+    y = _dot(x_NxI, w_low, ((1,), (0,))).astype(out_dtype)
+    w_dtype = jnp.zeros((0,), w_IxO.dtype)  # an empty array carrying w's dtype to the backward
+    return y, (x_NxI.T, w_low, w_dtype)
+
+
+def _mixed_matmul_bwd(out_dtype, residuals, dy_NxO):
+    xT_IxN, w_low, w_dtype = residuals
+    dy_NxO = dy_NxO.astype(w_low.dtype)
+    dx_NxI = _dot(dy_NxO, w_low, ((1,), (1,))).astype(w_low.dtype)
+    dw_IxO = _dot(xT_IxN, dy_NxO, ((1,), (0,)))
+    return dx_NxI, dw_IxO.astype(w_dtype.dtype)
+
+
+mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
+def matmul_rows_t(x: jax.Array, w_OxI: jax.Array, out_dtype=None) -> jax.Array:
+    """x [..., I] @ w^T for w stored [O, I] (a tied head: the embedding table [V, D]), as `matmul_rows`; below
+    float32 on XLA:CPU, `mixed_matmul_t`."""
+    x_NxI = x.reshape(-1, x.shape[-1])
+    if mixed_on_cpu(x):
+        y = mixed_matmul_t(x_NxI, w_OxI, jnp.dtype(out_dtype or x.dtype))
+    else:
+        y = jnp.matmul(x_NxI, w_OxI.astype(x.dtype).T, preferred_element_type=out_dtype)
+    return y.reshape(x.shape[:-1] + (w_OxI.shape[0],))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_matmul_t(x_NxI: jax.Array, w_OxI: jax.Array, out_dtype) -> jax.Array:
+    """x @ w^T in mixed precision, as `mixed_matmul`, with w stored [O, I]. Every dot names its contraction on the
+    untransposed operands: XLA:CPU upcasts a bf16 dot fed by a transpose (of the tied embedding, here) to float32.
+    The forward contracts both operands' last axes and d x = d y @ w is canonical: both run on the bf16 kernels;
+    d w = d y^T x contracts the rows and runs as XLA lays it out."""
+    return _dot(x_NxI, w_OxI.astype(x_NxI.dtype), ((1,), (1,))).astype(out_dtype)
+
+
+def _mixed_matmul_t_fwd(x_NxI, w_OxI, out_dtype):
+    w_low = w_OxI.astype(x_NxI.dtype)
+    y = _dot(x_NxI, w_low, ((1,), (1,))).astype(out_dtype)
+    return y, (x_NxI, w_low, jnp.zeros((0,), w_OxI.dtype))
+
+
+def _mixed_matmul_t_bwd(out_dtype, residuals, dy_NxO):
+    x_NxI, w_low, w_dtype = residuals
+    dy_NxO = dy_NxO.astype(w_low.dtype)
+    dx_NxI = _dot(dy_NxO, w_low, ((1,), (0,))).astype(x_NxI.dtype)
+    dw_OxI = _dot(dy_NxO, x_NxI, ((0,), (0,)))
+    return dx_NxI, dw_OxI.astype(w_dtype.dtype)
+
+
+mixed_matmul_t.defvjp(_mixed_matmul_t_fwd, _mixed_matmul_t_bwd)
 
 
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """x @ kernel (+ bias) in the dtype of x."""
-    y = matmul_rows(x, kernel.astype(x.dtype))
+    y = matmul_rows(x, kernel)
     if bias is not None:
         y = y + bias.astype(x.dtype)
     return y
@@ -38,13 +126,13 @@ def delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, group: jax.Arr
     factors: a: [G, I, P], b: [G, P, O] and `group` [B, G] one-hot, example i using pair g. Grouped, every pair's
     x @ a is computed and masked between the two matmuls: G times the multiply-adds of one pair, but no per-example
     copies of the factors (depth-wise batching: G = R loops, cheaper than gathering a pair per example)."""
+    if a.ndim == 2 and group is None:  # matmul_rows casts the factors itself (their gradients stay in their dtype)
+        return scale * matmul_rows(matmul_rows(x, a), b)
     a, b = a.astype(x.dtype), b.astype(x.dtype)
     if group is not None:
         mask = group.astype(x.dtype).reshape(group.shape[:1] + (1,) * (x.ndim - 2) + group.shape[1:] + (1,))
         xa = jnp.einsum("b...i,gip->b...gp", x, a) * mask
         return scale * jnp.einsum("b...gp,gpo->b...o", xa, b)
-    if a.ndim == 2:
-        return scale * matmul_rows(matmul_rows(x, a), b)
     xa = jnp.einsum("b...i,bip->b...p", x, a)
     return scale * jnp.einsum("b...p,bpo->b...o", xa, b)
 

@@ -379,11 +379,11 @@ class Decoder(nnx.Module):
     def logits(self, x_BxTxD: jax.Array) -> jax.Array:
         """Final norm and head; float32 logits."""
         h = self.final_norm_of(x_BxTxD)
-        head = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
-        # One 2-D dot over the flattened rows (as lora.matmul_rows: XLA:CPU's batched form transposes in backward).
-        h_NxD = h.reshape(-1, h.shape[-1])
-        y_NxV = jnp.einsum("nd,dv->nv", h_NxD, head.astype(h.dtype), preferred_element_type=jnp.float32)
-        return soft_cap(y_NxV.reshape(h.shape[:-1] + y_NxV.shape[-1:]), self.cfg.final_soft_cap)
+        if self.cfg.tie_embeddings:
+            y_BxTxV = lora.matmul_rows_t(h, self.embed[...], out_dtype=jnp.float32)
+        else:
+            y_BxTxV = lora.matmul_rows(h, self.head[...], out_dtype=jnp.float32)
+        return soft_cap(y_BxTxV, self.cfg.final_soft_cap)
 
     def logits_rows(self, x_NxD: jax.Array) -> jax.Array:
         """`logits` of a few rows [N, D] (decoding), computed as [V, N] and transposed after a barrier. Same values;
@@ -637,7 +637,10 @@ def stack(cfg: ModelConfig, weights: dict, x_BxTxD, positions_BxT, segment_ids_B
     loops of a scan over positions: nested, the outer scan restacks the inner scans' residuals into [R, K, ...]
     buffers for the backward pass, and a step without remat then needs more memory than the vanilla model."""
     r, k = cfg.n_loops, cfg.n_shared
-    shared = {name: v.astype(x_BxTxD.dtype) for name, v in weights["layers"].items()}
+    if lora.mixed_on_cpu(x_BxTxD):  # each position casts its own slice; the shared gradient adds up in float32
+        shared = weights["layers"]  # (cast before the loop, XLA:CPU rewrote the whole [K, ...] bf16 stack per position)
+    else:
+        shared = {name: v.astype(x_BxTxD.dtype) for name, v in weights["layers"].items()}
     hiddens_RxBxTxD = jnp.zeros((r,) + x_BxTxD.shape, x_BxTxD.dtype)
 
     def position(x, xs):
