@@ -17,5 +17,5 @@ def context() -> tuple[str, bool]:
 
 
 def name() -> str:
-    """"cpu", "gpu", "tpu", ... (see the module doc)."""
+    """The platform name: cpu, gpu, tpu, ... (see the module doc)."""
     return context()[0]
