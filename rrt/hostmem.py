@@ -1,21 +1,39 @@
-"""Host memory: the entry points re-execute themselves once so that glibc's malloc uses transparent huge pages.
+"""Host memory: the entry points re-execute themselves once so that glibc's malloc keeps the step's memory mapped
+(on transparent huge pages) from one step to the next.
 
 On the CPU every XLA executable allocates its temporaries afresh on each call (activations, gradients, the logits),
-gigabytes per training step. glibc serves such blocks with mmap and returns them with munmap, so every step faults
-its memory in again, 4 KiB at a time: about 950,000 page faults and 2.7 s of kernel time per SmolLM2-shaped step on
-2 cores (docs/TRAINING.md, "Where the time goes"). With the glibc tunable `glibc.malloc.hugetlb=1` malloc asks for
-transparent huge pages (madvise), the faults fall to a few thousand and the step is 25% shorter; peak RSS is
-unchanged. Tunables are read when a process starts, so `reexec_with_hugepages` (called by the command-line entry
-points, never on import) replaces the process with itself, same argv, with the tunable added to GLIBC_TUNABLES. It
-does nothing where it cannot help: not Linux with glibc, transparent huge pages set to `never`, the tunable already
-set, or RRT_HUGEPAGES=0. On GPUs and TPUs it only touches host memory; device memory has its own allocator.
+gigabytes per training step. glibc serves blocks above 32 MiB with mmap and returns them with munmap, so every step
+faults its memory in again: about 950,000 page faults and 2.7 s of kernel time per SmolLM2-shaped step on 2 cores
+at 4 KiB pages (docs/TRAINING.md, "Where the time goes"). `TUNABLE` sets, in GLIBC_TUNABLES:
+  glibc.malloc.hugetlb=1           malloc asks for transparent huge pages (madvise): a few thousand faults a step,
+                                   but each still zeroes 2 MiB afresh (1.3-1.8 s of kernel time a step);
+  glibc.malloc.mmap_max=0          no block is served by mmap: all come from the heap,
+  glibc.malloc.arena_max=1         one heap (a thread's own arena cannot hold a block above 64 MiB),
+  glibc.malloc.trim_threshold=64G  freed memory stays in the heap for the next step (no munmap, no new faults),
+  glibc.malloc.top_pad=1G          the heap grows in 1 GiB steps (it reached its peak in one step, not three).
+With all five the steady state has no page faults and 0.1 s of kernel time a step (hugetlb alone: 3,000-5,000
+faults, 1.3-2.6 s), and the vanilla SmolLM2 step at 4 x 256 on 2 cores is 6.6-7.1 -> 5.9-6.2 s in float32 and
+6.9-7.2 -> 5.3-5.8 s in bfloat16 (runs alternated, 2026-12-08); peak RSS 5.82-5.84 -> 5.88 GiB in float32, unchanged
+in bf16. The process keeps its peak heap mapped while it runs (malloc_trim still returns it). Tunables are read when a process starts, so `reexec_with_hugepages` (called by the
+command-line entry points, never on import) replaces the process with itself, same argv, with TUNABLE added to
+GLIBC_TUNABLES. It does nothing where it cannot help: not Linux with glibc, transparent huge pages set to `never`,
+the user's own hugetlb tunable already set, or RRT_HUGEPAGES=0. On GPUs and TPUs it only touches host memory;
+device memory has its own allocator.
 """
 
 import os
 import platform
 import sys
 
-TUNABLE = "glibc.malloc.hugetlb=1"
+TUNABLE = ":".join(
+    (
+        "glibc.malloc.hugetlb=1",
+        "glibc.malloc.mmap_max=0",
+        "glibc.malloc.arena_max=1",
+        f"glibc.malloc.trim_threshold={64 << 30}",
+        f"glibc.malloc.top_pad={1 << 30}",
+    )
+)
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -29,7 +47,8 @@ def with_tunable(env: dict[str, str]) -> dict[str, str]:
 
 def without_tunable(env: dict[str, str]) -> dict[str, str]:
     """`env` as it was before `reexec_with_hugepages` added TUNABLE (for a baseline that should not get it)."""
-    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != TUNABLE]
+    ours = set(TUNABLE.split(":"))
+    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t not in ours]
     out = {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
     if kept:
         out["GLIBC_TUNABLES"] = ":".join(kept)

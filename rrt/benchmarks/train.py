@@ -207,9 +207,10 @@ class TorchWorker:
     """The transformers step (`torch_stepper`) in a process of its own, one step per request through a pipe;
     `step()` returns the step's time as the worker measured it."""
 
-    def __init__(self, b: int, t: int, hugepages: bool = False):
+    def __init__(self, b: int, t: int, hugepages: bool = False, dtype: str = "float32"):
         env = dict(os.environ) if hugepages else {**hostmem.without_tunable(dict(os.environ)), "RRT_HUGEPAGES": "0"}
-        cmd = [sys.executable, "-m", "rrt.benchmarks.train", "--probe=torch_worker", f"--batch={b}", f"--seq={t}"]
+        cmd = [sys.executable, "-m", "rrt.benchmarks.train", "--probe=torch_worker", f"--batch={b}", f"--seq={t}",
+               f"--dtype={dtype}"]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.threads = self._reply()["threads"]
 
@@ -245,10 +246,10 @@ def trim_heap() -> None:
         pass
 
 
-def torch_worker(b: int, t: int) -> None:
+def torch_worker(b: int, t: int, dtype: str = "float32") -> None:
     """The worker's side of TorchWorker: build the step, then one timed step per "step" line on stdin, and
     `trim_heap` per "trim" line."""
-    step, threads = torch_stepper(b, t)
+    step, threads = torch_stepper(b, t, dtype)
     print(json.dumps({"threads": threads}), flush=True)
     for line in sys.stdin:
         if line.strip() == "trim":
@@ -262,7 +263,9 @@ def torch_worker(b: int, t: int) -> None:
         print(json.dumps({"step_s": time.perf_counter() - start}), flush=True)
 
 
-def interleaved(b: int, t: int, steps: int, with_torch: bool = True, torch_hugepages: bool = False) -> dict:
+def interleaved(
+    b: int, t: int, steps: int, with_torch: bool = True, torch_hugepages: bool = False, dtype: str = "float32"
+) -> dict:
     """Step times of vanilla, recursive 15 x 2 and (with_torch) the transformers step, measured in turns
     (v, r, r', torch, v, r, r', torch, ...), so that a change of load moves them alike. Each turn is two steps back
     to back and only the second is timed: on this machine (a VM with a virtio balloon) memory a process frees is
@@ -275,7 +278,7 @@ def interleaved(b: int, t: int, steps: int, with_torch: bool = True, torch_hugep
     CPU time counts as the measurement's own)."""
     batch = jax.tree.map(jnp.asarray, make_batch(b, t, SMOLLM2.vocab_size))
     runs = {}
-    for name, cfg in (("vanilla", variant("vanilla")), ("recursive", variant("recursive"))):
+    for name, cfg in (("vanilla", variant("vanilla", dtype=dtype)), ("recursive", variant("recursive", dtype=dtype))):
         params = init_params(cfg)
         fn, opt = step_fn(cfg, params)
         state = [params, opt.init(params)]
@@ -291,7 +294,7 @@ def interleaved(b: int, t: int, steps: int, with_torch: bool = True, torch_hugep
         runs[name] = {"state": state, "step": compiled, "compile_s": time.perf_counter() - start, "run": run}
         runs[name]["log"] = jnp.asarray(False)
     runs["recursive_logged"] = {**runs["recursive"], "log": jnp.asarray(True)}  # shares the state
-    worker = TorchWorker(b, t, torch_hugepages) if with_torch else None
+    worker = TorchWorker(b, t, torch_hugepages, dtype) if with_torch else None
     if worker:
         runs["torch"] = {"run": lambda r: worker.step(), "compile_s": 0.0, "threads": worker.threads}
     for r in runs.values():
@@ -339,8 +342,13 @@ def torch_step_parts(b: int, t: int):
     return model, opt, ids
 
 
-def torch_stepper(b: int, t: int):
-    """(step, threads): one call is the transformers step (forward + loss, backward, clip to norm 1, AdamW)."""
+def torch_stepper(b: int, t: int, dtype: str = "float32"):
+    """(step, threads): one call is the transformers step (forward + loss, backward, clip to norm 1, AdamW). With
+    dtype bfloat16, the forward and loss run under `torch.autocast("cpu", torch.bfloat16)` (PyTorch's mixed
+    precision: float32 parameters, bf16 matmuls; the backward follows the forward's dtypes), as rrt's
+    `--config.dtype=bfloat16` keeps float32 parameters and computes in bf16."""
+    import contextlib
+
     import torch
 
     torch.manual_seed(0)
@@ -348,7 +356,8 @@ def torch_stepper(b: int, t: int):
     model, opt, ids = torch_step_parts(b, t)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext():
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -393,13 +402,15 @@ def run_gemma(b: int, t: int, steps: int, layers: int) -> dict:
     return out
 
 
-def probe(what: str, b: int, t: int, steps: int) -> dict:
+def probe(what: str, b: int, t: int, steps: int, dtype: str = "float32") -> dict:
     """One measurement, run in this (fresh) process: interleaved[:torch] | compile:<loops> | <variant>:<remat> |
     gemma:<layers> (b, t are then the Gemma batch and sequence length)."""
     if what.startswith("gemma:"):
         return run_gemma(b, t, steps, int(what.split(":")[1]))
     if what.startswith("interleaved"):  # interleaved | interleaved:torch | interleaved:torch_hugepages
-        return interleaved(b, t, steps, with_torch=":torch" in what, torch_hugepages=what.endswith("_hugepages"))
+        return interleaved(
+            b, t, steps, with_torch=":torch" in what, torch_hugepages=what.endswith("_hugepages"), dtype=dtype
+        )
     if what.startswith("compile:"):
         loops = int(what.split(":")[1])
         return compile_seconds(variant("recursive", n_layers=15 * loops, n_loops=loops), b, t)
@@ -407,7 +418,7 @@ def probe(what: str, b: int, t: int, steps: int) -> dict:
     return run_jax(variant(name, remat), b, t, steps)
 
 
-def measure(what: str, b: int, t: int, steps: int) -> dict:
+def measure(what: str, b: int, t: int, steps: int, dtype: str = "float32") -> dict:
     """`probe` in a separate process: every measurement starts from an empty heap, and peak RSS is its own."""
     cmd = [
         sys.executable,
@@ -417,6 +428,7 @@ def measure(what: str, b: int, t: int, steps: int) -> dict:
         f"--batch={b}",
         f"--seq={t}",
         f"--steps={steps}",
+        f"--dtype={dtype}",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
@@ -444,13 +456,19 @@ def main() -> None:
     p.add_argument("--gemma_seq", type=int, default=2048)
     p.add_argument("--gemma_layers", type=int, default=18, help="Gemma-2B layers before looping (smaller: smoke)")
     p.add_argument("--torch_hugepages", action="store_true", help="run the torch step under rrt's malloc tunable too")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="compute dtype of the timed steps: rrt's --config.dtype, torch.autocast for transformers",
+    )
     p.add_argument("--probe", default="", help=argparse.SUPPRESS)  # internal: one measurement (see `probe`)
     a = p.parse_args()
     b, t = a.batch, a.seq
     if a.probe == "torch_worker":
-        return torch_worker(b, t)
+        return torch_worker(b, t, a.dtype)
     if a.probe:
-        print(json.dumps(probe(a.probe, b, t, a.steps)))
+        print(json.dumps(probe(a.probe, b, t, a.steps, a.dtype)))
         return
     if "gemma" in a.parts.split(",") or jax.devices()[0].platform != "cpu":
         g = measure(f"gemma:{a.gemma_layers}", a.gemma_batch, a.gemma_seq, a.steps)
@@ -467,16 +485,17 @@ def main() -> None:
     gib = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
     print(
         f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores; jax {jax.__version__} "
-        f"({jax.devices()[0].device_kind}); SmolLM2-135M shape, batch {b} x {t}, float32; one process per measurement; "
+        f"({jax.devices()[0].device_kind}); SmolLM2-135M shape, batch {b} x {t}, compute {a.dtype}; one process per "
+        "measurement; "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}",
         flush=True,
     )
-    peak = flops_lib.measure_matmul_peak(dtype=jnp.float32, seconds=2.0)
-    print(f"measured float32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    peak = flops_lib.measure_matmul_peak(dtype=jnp.dtype(a.dtype), seconds=2.0)
+    print(f"measured {a.dtype} matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s", flush=True)
 
     tokens = b * t
     with_torch = "" if "torch" in skip else ":torch_hugepages" if a.torch_hugepages else ":torch"
-    timed = measure("interleaved" + with_torch, b, t, a.steps)
+    timed = measure("interleaved" + with_torch, b, t, a.steps, a.dtype)
     for name, r in timed.items():  # what else ran during each timed step
         w = r["watch"]
         busy, steal = max(x["others_share"] for x in w), max(x["steal_share"] for x in w)
