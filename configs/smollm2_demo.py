@@ -3,8 +3,8 @@
     python -m rrt.train --config configs/smollm2_demo.py --workdir runs/demo/train
     (or the whole demo, with evaluation, table and plots: bash launch/demo.sh)
 
-Cost: 12 steps of 4 x 256 tokens (12k tokens), ~1 TFLOP each: 1 min 52 s for the 12 on 2 CPU cores (float32,
-with the early-exit loss and compilation; 2026-12-04); the whole demo (three evaluations around it) took 7 min 39 s.
+Cost: 12 steps of 4 x 256 tokens (12k tokens), ~1 TFLOP each: 1 min 47 s for the 12 on 2 CPU cores (float32,
+with the early-exit loss and compilation; 2026-12-08); the whole demo (three evaluations around it) took 6 min 51 s.
 """
 
 from rrt import config
