@@ -14,7 +14,10 @@ at 4 KiB pages (docs/TRAINING.md, "Where the time goes"). `TUNABLE` sets, in GLI
 With all five the steady state has no page faults and 0.1 s of kernel time a step (hugetlb alone: 3,000-5,000
 faults, 1.3-2.6 s), and the vanilla SmolLM2 step at 4 x 256 on 2 cores is 6.6-7.1 -> 5.9-6.2 s in float32 and
 6.9-7.2 -> 5.3-5.8 s in bfloat16 (runs alternated, 2026-12-08); peak RSS 5.82-5.84 -> 5.88 GiB in float32, unchanged
-in bf16. The process keeps its peak heap mapped while it runs (malloc_trim still returns it). Tunables are read when a process starts, so `reexec_with_hugepages` (called by the
+in bf16. The price: compiling takes about a third longer (one arena serializes the XLA compiler's threads too:
+the step's compile 3.9 -> 5.2-5.5 s; with 2 or 4 arenas the faults come back, 2,000-3,300 a step), and the process
+keeps its peak heap mapped while it runs (malloc_trim still returns it). A training run compiles once and steps
+thousands of times; RRT_HUGEPAGES=0 turns it all off. Tunables are read when a process starts, so `reexec_with_hugepages` (called by the
 command-line entry points, never on import) replaces the process with itself, same argv, with TUNABLE added to
 GLIBC_TUNABLES. It does nothing where it cannot help: not Linux with glibc, transparent huge pages set to `never`,
 the user's own hugetlb tunable already set, or RRT_HUGEPAGES=0. On GPUs and TPUs it only touches host memory;

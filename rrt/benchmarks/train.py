@@ -1,8 +1,9 @@
 """Training-step benchmark on this CPU: `python -m rrt.benchmarks.train` (about 50 minutes on 2 loaded cores).
 
 One run prints, for the SmolLM2-135M shape (V 49152, D 576, L 30, 9 heads / 3 KV heads of 64, F 1536, tied, rope
-theta 1e5) at batch 4 x 256 tokens in float32, the real step (`rrt.train.train_step`: loss over every loop's exit,
-gradients, global-norm clipping, AdamW):
+theta 1e5) at batch 4 x 256 tokens in float32 (--dtype bfloat16: rrt's `--config.dtype=bfloat16`, float32
+parameters, against transformers under torch.autocast), the real step (`rrt.train.train_step`: loss over every
+loop's exit, gradients, global-norm clipping, AdamW):
   throughput  tokens/s and MFU of the vanilla 30-layer step; MFU against the float32 matmul peak measured in the
               same run (`rrt.flops.measure_matmul_peak`), FLOPs from `rrt.flops` (matmuls only, remat not counted)
   torch       the same step in Hugging Face transformers (LlamaForCausalLM, AdamW, clipping, float32, all cores),
