@@ -50,7 +50,7 @@ def mixed_matmul(x_NxI: jax.Array, w_IxO: jax.Array, out_dtype) -> jax.Array:
     contracts its last axis; a bf16-output dot, or the weight gradient x^T dy as autodiff writes it, is upcast to a
     float32 dot, and so is a dot fed by a transpose in the same computation. The forward therefore saves x^T [I, N]
     for the weight gradient: in the layer scan it crosses the loop as its own buffer, and that dot is canonical
-    (bf16 SmolLM2 step on 2 cores: 9.0 -> 5.5 s; docs/TRAINING.md)."""
+    (bf16 SmolLM2 step on 2 cores: 9.0 -> 5.2-5.7 s; docs/TRAINING.md)."""
     return _dot(x_NxI, w_IxO.astype(x_NxI.dtype), ((1,), (0,))).astype(out_dtype)
 
 
