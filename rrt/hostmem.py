@@ -17,11 +17,12 @@ faults, 1.3-2.6 s), and the vanilla SmolLM2 step at 4 x 256 on 2 cores is 6.6-7.
 in bf16. The price: compiling takes about a third longer (one arena serializes the XLA compiler's threads too:
 the step's compile 3.9 -> 5.2-5.5 s; with 2 or 4 arenas the faults come back, 2,000-3,300 a step), and the process
 keeps its peak heap mapped while it runs (malloc_trim still returns it). A training run compiles once and steps
-thousands of times; RRT_HUGEPAGES=0 turns it all off. Tunables are read when a process starts, so `reexec_with_hugepages` (called by the
-command-line entry points, never on import) replaces the process with itself, same argv, with TUNABLE added to
-GLIBC_TUNABLES. It does nothing where it cannot help: not Linux with glibc, transparent huge pages set to `never`,
-the user's own hugetlb tunable already set, or RRT_HUGEPAGES=0. On GPUs and TPUs it only touches host memory;
-device memory has its own allocator.
+thousands of times; RRT_HUGEPAGES=0 turns it all off.
+
+Tunables are read when a process starts, so `reexec_with_hugepages` (called by the command-line entry points, never
+on import) replaces the process with itself, same argv, with TUNABLE added to GLIBC_TUNABLES. It does nothing where
+it cannot help: not Linux with glibc, transparent huge pages set to `never`, the user's own hugetlb tunable already
+set, or RRT_HUGEPAGES=0. On GPUs and TPUs it only touches host memory; device memory has its own allocator.
 """
 
 import os
