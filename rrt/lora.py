@@ -19,17 +19,19 @@ import jax.numpy as jnp
 from rrt import platform as platform_lib
 
 
-def matmul_rows(x: jax.Array, w_IxO: jax.Array, out_dtype=None) -> jax.Array:
-    """x [..., I] @ w [I, O] as one 2-D [N, I] x [I, O] dot over the flattened leading axes, reshaped back, in the
-    dtype of x (or `out_dtype`). Same values as the batched einsum; on XLA:CPU the batched form's backward transposes
-    [N, O] activations into [O, N] copies before the weight-gradient dot, which made SmolLM2's MLP step ~1.8x slower
+def matmul_rows(x: jax.Array, w: jax.Array, out_dtype=None, w_transposed: bool = False) -> jax.Array:
+    """x [..., I] @ w for w [I, O], or x @ w^T for w stored [O, I] with `w_transposed` (a tied head: the embedding
+    table [V, D]), as one 2-D dot over the flattened leading axes, reshaped back, in the dtype of x (or
+    `out_dtype`). Same values as the batched einsum; on XLA:CPU the batched form's backward transposes [N, O]
+    activations into [O, N] copies before the weight-gradient dot, which made SmolLM2's MLP step ~1.8x slower
     (rrt.benchmarks.profile, docs/TRAINING.md). Below float32 (mixed precision) on XLA:CPU, `mixed_matmul`."""
     x_NxI = x.reshape(-1, x.shape[-1])
     if mixed_on_cpu(x):
-        y = mixed_matmul(x_NxI, w_IxO, jnp.dtype(out_dtype or x.dtype))
+        y = mixed_matmul(x_NxI, w, jnp.dtype(out_dtype or x.dtype), w_transposed)
     else:
-        y = jnp.matmul(x_NxI, w_IxO.astype(x.dtype), preferred_element_type=out_dtype)
-    return y.reshape(x.shape[:-1] + (w_IxO.shape[-1],))
+        w = w.astype(x.dtype)
+        y = jnp.matmul(x_NxI, w.T if w_transposed else w, preferred_element_type=out_dtype)
+    return y.reshape(x.shape[:-1] + y.shape[-1:])
 
 
 def mixed_on_cpu(x: jax.Array) -> bool:
@@ -38,79 +40,47 @@ def mixed_on_cpu(x: jax.Array) -> bool:
     return jnp.dtype(x.dtype) != jnp.float32 and platform_lib.name() == "cpu"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def mixed_matmul(x_NxI: jax.Array, w_IxO: jax.Array, out_dtype) -> jax.Array:
-    """x @ w in mixed precision: the operands in the dtype of x (w is cast, and may stay float32 outside), products
-    accumulated in float32, the result in `out_dtype`. The backward's dots take the cotangent in the dtype of x and
-    accumulate in float32 too, and the weight's gradient comes back in w's own dtype without a round trip through
-    x's: a float32 master weight gets a float32 gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def mixed_matmul(x_NxI: jax.Array, w: jax.Array, out_dtype, w_transposed: bool) -> jax.Array:
+    """x @ w (w [I, O]) or x @ w^T (w [O, I], `w_transposed`) in mixed precision: the operands in the dtype of x (w
+    is cast, and may stay float32 outside), products accumulated in float32, the result in `out_dtype`. The
+    backward's dots take the cotangent in the dtype of x and accumulate in float32 too, and the weight's gradient
+    comes back in w's own dtype without a round trip through x's: a float32 master weight gets a float32 gradient.
 
     Written out (a custom VJP) for XLA:CPU: its fast bfloat16 kernels (YNNPACK on AMX/AVX512-BF16: 1.0-1.4 TFLOP/s
     against 0.25 in float32 on the 2 cores of docs/TRAINING.md) take only bf16 x bf16 -> f32 dots whose left operand
     contracts its last axis; a bf16-output dot, or the weight gradient x^T dy as autodiff writes it, is upcast to a
-    float32 dot, and so is a dot fed by a transpose in the same computation. The forward therefore saves x^T [I, N]
-    for the weight gradient: in the layer scan it crosses the loop as its own buffer, and that dot is canonical
-    (bf16 SmolLM2 step on 2 cores: 9.0 -> 5.2-5.7 s; docs/TRAINING.md)."""
-    return _dot(x_NxI, w_IxO.astype(x_NxI.dtype), ((1,), (0,))).astype(out_dtype)
+    float32 dot, and so is a dot fed by a transpose in the same computation. So every dot names its contraction on
+    untransposed operands, and for w [I, O] the forward saves x^T [I, N] for the weight gradient: in the layer scan
+    it crosses the loop as its own buffer, and that dot is canonical (bf16 SmolLM2 step on 2 cores: 9.0 -> 5.2-5.7
+    s; docs/TRAINING.md). For w [O, I] the forward and d x are canonical as they stand; d w = d y^T x contracts the
+    rows and runs as XLA lays it out."""
+    return _mixed_matmul_fwd(x_NxI, w, out_dtype, w_transposed)[0]
 
 
 def _dot(a, b, contracting) -> jax.Array:
     return jax.lax.dot_general(a, b, (contracting, ((), ())), preferred_element_type=jnp.float32)
 
 
-def _mixed_matmul_fwd(x_NxI, w_IxO, out_dtype):
-    w_low = w_IxO.astype(x_NxI.dtype)
-    y = _dot(x_NxI, w_low, ((1,), (0,))).astype(out_dtype)
-    w_dtype = jnp.zeros((0,), w_IxO.dtype)  # an empty array carrying w's dtype to the backward
-    return y, (x_NxI.T, w_low, w_dtype)
+def _mixed_matmul_fwd(x_NxI, w, out_dtype, w_transposed):
+    w_low = w.astype(x_NxI.dtype)
+    y = _dot(x_NxI, w_low, ((1,), (1,) if w_transposed else (0,))).astype(out_dtype)
+    w_dtype = jnp.zeros((0,), w.dtype)  # an empty array carrying w's dtype to the backward
+    return y, (x_NxI if w_transposed else x_NxI.T, w_low, w_dtype)
 
 
-def _mixed_matmul_bwd(out_dtype, residuals, dy_NxO):
-    xT_IxN, w_low, w_dtype = residuals
+def _mixed_matmul_bwd(out_dtype, w_transposed, residuals, dy_NxO):
+    x_saved, w_low, w_dtype = residuals
     dy_NxO = dy_NxO.astype(w_low.dtype)
-    dx_NxI = _dot(dy_NxO, w_low, ((1,), (1,))).astype(w_low.dtype)
-    dw_IxO = _dot(xT_IxN, dy_NxO, ((1,), (0,)))
-    return dx_NxI, dw_IxO.astype(w_dtype.dtype)
+    dx_NxI = _dot(dy_NxO, w_low, ((1,), (0,) if w_transposed else (1,))).astype(w_low.dtype)
+    if w_transposed:  # d w [O, I] = d y^T x
+        dw = _dot(dy_NxO, x_saved, ((0,), (0,)))
+    else:  # d w [I, O] = (x^T) d y, x^T saved
+        dw = _dot(x_saved, dy_NxO, ((1,), (0,)))
+    return dx_NxI, dw.astype(w_dtype.dtype)
 
 
 mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
-
-
-def matmul_rows_t(x: jax.Array, w_OxI: jax.Array, out_dtype=None) -> jax.Array:
-    """x [..., I] @ w^T for w stored [O, I] (a tied head: the embedding table [V, D]), as `matmul_rows`; below
-    float32 on XLA:CPU, `mixed_matmul_t`."""
-    x_NxI = x.reshape(-1, x.shape[-1])
-    if mixed_on_cpu(x):
-        y = mixed_matmul_t(x_NxI, w_OxI, jnp.dtype(out_dtype or x.dtype))
-    else:
-        y = jnp.matmul(x_NxI, w_OxI.astype(x.dtype).T, preferred_element_type=out_dtype)
-    return y.reshape(x.shape[:-1] + (w_OxI.shape[0],))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def mixed_matmul_t(x_NxI: jax.Array, w_OxI: jax.Array, out_dtype) -> jax.Array:
-    """x @ w^T in mixed precision, as `mixed_matmul`, with w stored [O, I]. Every dot names its contraction on the
-    untransposed operands: XLA:CPU upcasts a bf16 dot fed by a transpose (of the tied embedding, here) to float32.
-    The forward contracts both operands' last axes and d x = d y @ w is canonical: both run on the bf16 kernels;
-    d w = d y^T x contracts the rows and runs as XLA lays it out."""
-    return _dot(x_NxI, w_OxI.astype(x_NxI.dtype), ((1,), (1,))).astype(out_dtype)
-
-
-def _mixed_matmul_t_fwd(x_NxI, w_OxI, out_dtype):
-    w_low = w_OxI.astype(x_NxI.dtype)
-    y = _dot(x_NxI, w_low, ((1,), (1,))).astype(out_dtype)
-    return y, (x_NxI, w_low, jnp.zeros((0,), w_OxI.dtype))
-
-
-def _mixed_matmul_t_bwd(out_dtype, residuals, dy_NxO):
-    x_NxI, w_low, w_dtype = residuals
-    dy_NxO = dy_NxO.astype(w_low.dtype)
-    dx_NxI = _dot(dy_NxO, w_low, ((1,), (0,))).astype(x_NxI.dtype)
-    dw_OxI = _dot(dy_NxO, x_NxI, ((0,), (0,)))
-    return dx_NxI, dw_OxI.astype(w_dtype.dtype)
-
-
-mixed_matmul_t.defvjp(_mixed_matmul_t_fwd, _mixed_matmul_t_bwd)
 
 
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:

@@ -379,10 +379,9 @@ class Decoder(nnx.Module):
     def logits(self, x_BxTxD: jax.Array) -> jax.Array:
         """Final norm and head; float32 logits."""
         h = self.final_norm_of(x_BxTxD)
-        if self.cfg.tie_embeddings:
-            y_BxTxV = lora.matmul_rows_t(h, self.embed[...], out_dtype=jnp.float32)
-        else:
-            y_BxTxV = lora.matmul_rows(h, self.head[...], out_dtype=jnp.float32)
+        tied = self.cfg.tie_embeddings
+        head = self.embed[...] if tied else self.head[...]  # tied: the table [V, D], contracted untransposed
+        y_BxTxV = lora.matmul_rows(h, head, out_dtype=jnp.float32, w_transposed=tied)
         return soft_cap(y_BxTxV, self.cfg.final_soft_cap)
 
     def logits_rows(self, x_NxD: jax.Array) -> jax.Array:

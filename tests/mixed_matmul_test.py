@@ -2,6 +2,8 @@
 bf16-rounded operands: the value rounded once, and the float32 master weight's gradient in float32, with no round
 trip through bfloat16 (that round trip alone is a relative error of ~4e-3, far above the bound checked here)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +46,7 @@ def value_and_grads(fn, x, w, g, in_scan: bool):
 @pytest.mark.parametrize("transposed", [False, True], ids=["w[I,O]", "w[O,I] (tied head)"])
 def test_mixed_matmul_equals_float64_on_bf16_operands(transposed, in_scan):
     x, w, g = operands(transposed)
-    fn = lora.matmul_rows_t if transposed else lora.matmul_rows
+    fn = functools.partial(lora.matmul_rows, w_transposed=transposed)
     y, dx, dw = value_and_grads(fn, x, w, g, in_scan)
     assert y.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
     wb = bf16_exact(w)
@@ -61,7 +63,8 @@ def test_mixed_matmul_equals_float64_on_bf16_operands(transposed, in_scan):
 def test_float32_logits_from_bf16_rows():
     """out_dtype=float32 (the head): logits unrounded, d x rounded to bf16 once."""
     x, w, g = operands(True)
-    y, dx, dw = value_and_grads(lambda x, w: lora.matmul_rows_t(x, w, out_dtype=jnp.float32), x, w, g, False)
+    head = functools.partial(lora.matmul_rows, out_dtype=jnp.float32, w_transposed=True)
+    y, dx, dw = value_and_grads(head, x, w, g, False)
     assert y.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y, np.float64).reshape(-1, O), x.reshape(-1, I) @ bf16_exact(w).T,
                                rtol=1e-5, atol=1e-5)  # fmt: skip
